@@ -1,0 +1,1 @@
+"""Session lifecycle, residency tiers, write-ahead logs and checkpoints."""

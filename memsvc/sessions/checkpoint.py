@@ -1,0 +1,313 @@
+"""Checkpoint files: a session's state tensors plus a header, in safetensors, written crash-safely.
+
+The header lives in the safetensors metadata (strings): format version, model
+hash, config hash, stream position, WAL offset, and a checksum. The checksum is
+a SHA-256 over the other header fields and every tensor's name, dtype, shape
+and bytes, so a flipped bit anywhere that matters (a position digit included)
+is caught; a cut-off file fails to parse. Either way reading raises
+CorruptCheckpointError, and restore falls back to the previous generation
+(``newest_valid_checkpoint``).
+
+A file is written to a temporary name in its directory, fsynced, renamed into
+place and the directory fsynced (``memsvc.store.durable_files``); only then may
+its SQL row be committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import structlog
+import torch
+
+from memsvc.store.durable_files import fsync_directory, remove_temporaries, write_atomically
+
+log = structlog.get_logger(__name__)
+
+FORMAT_VERSION = 1
+_KEY_PREFIX = "memsvc."
+_CHECKSUM_ALGORITHM = "sha256"
+_HEADER_LENGTH_BYTES = 8  # safetensors: u64 little-endian length of the JSON header
+
+
+class CheckpointError(Exception):
+    """Base class: the file cannot be used to restore a session.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong, in a few words.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is truncated, unparsable, of an unknown format version, or fails its checksum."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The file is sound but was written for another model or configuration."""
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a checkpoint says about itself. ``checksum`` is ``"sha256:<hex>"``."""
+
+    format_version: int
+    model_hash: str
+    config_hash: str
+    position: int
+    wal_offset: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back and verified."""
+
+    path: Path
+    header: CheckpointHeader
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """A checkpoint durable on disk: what its SQL row records."""
+
+    path: Path
+    header: CheckpointHeader
+    size_bytes: int
+
+
+def _fields(
+    format_version: int, model_hash: str, config_hash: str, position: int, wal_offset: int
+) -> dict[str, str]:
+    return {
+        "format_version": str(format_version),
+        "model_hash": model_hash,
+        "config_hash": config_hash,
+        "position": str(position),
+        "wal_offset": str(wal_offset),
+    }
+
+
+def _checksum(fields: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(fields.items())).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        # A byte view of any dtype (bfloat16 has no numpy twin); 0-d tensors need the reshape.
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"{_CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def write_checkpoint(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    model_hash: str,
+    config_hash: str,
+    position: int,
+    wal_offset: int,
+) -> WrittenCheckpoint:
+    """Writes ``tensors`` (moved to CPU) and the header to ``path`` atomically and durably."""
+    path = Path(path)
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    fields = _fields(FORMAT_VERSION, model_hash, config_hash, position, wal_offset)
+    checksum = _checksum(fields, cpu)
+    metadata = {_KEY_PREFIX + key: value for key, value in fields.items()}
+    metadata[_KEY_PREFIX + "checksum"] = checksum
+    data = safetensors.torch.save(cpu, metadata=metadata)
+    size = write_atomically(path, lambda file: file.write(data))
+    header = CheckpointHeader(
+        FORMAT_VERSION, model_hash, config_hash, position, wal_offset, checksum
+    )
+    return WrittenCheckpoint(path, header, size)
+
+
+def _metadata(path: Path, data: bytes) -> dict[str, str]:
+    if len(data) < _HEADER_LENGTH_BYTES:
+        raise CorruptCheckpointError(path, f"{len(data)} bytes, too short for a safetensors file")
+    length = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
+    if length > len(data) - _HEADER_LENGTH_BYTES:
+        raise CorruptCheckpointError(path, "truncated: the safetensors header runs past the end")
+    try:
+        header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(path, f"unparsable safetensors header ({error})") from error
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(path, "no metadata: not a memsvc checkpoint")
+    return {
+        key.removeprefix(_KEY_PREFIX): value
+        for key, value in metadata.items()
+        if key.startswith(_KEY_PREFIX)
+    }
+
+
+def _header(path: Path, meta: Mapping[str, str]) -> CheckpointHeader:
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CorruptCheckpointError(
+            path, f"format version {version!r}, this build reads version {FORMAT_VERSION}"
+        )
+    try:
+        return CheckpointHeader(
+            format_version=FORMAT_VERSION,
+            model_hash=meta["model_hash"],
+            config_hash=meta["config_hash"],
+            position=int(meta["position"]),
+            wal_offset=int(meta["wal_offset"]),
+            checksum=meta["checksum"],
+        )
+    except (KeyError, ValueError) as error:
+        raise CorruptCheckpointError(path, f"bad header field ({error!r})") from error
+
+
+def read_checkpoint(
+    path: Path, *, model_hash: str | None = None, config_hash: str | None = None
+) -> Checkpoint:
+    """Reads and verifies a checkpoint; given hashes must match the header's.
+
+    Raises CorruptCheckpointError (truncated, unparsable, unknown format
+    version, checksum mismatch), CheckpointMismatchError (other model or
+    config), OSError (unreadable, e.g. FileNotFoundError).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    header = _header(path, _metadata(path, data))
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises its own SafetensorError and others
+        raise CorruptCheckpointError(path, f"unreadable tensors ({error})") from error
+    fields = _fields(
+        header.format_version,
+        header.model_hash,
+        header.config_hash,
+        header.position,
+        header.wal_offset,
+    )
+    if _checksum(fields, tensors) != header.checksum:
+        raise CorruptCheckpointError(path, "checksum mismatch")
+    for name, expected, found in (
+        ("model hash", model_hash, header.model_hash),
+        ("config hash", config_hash, header.config_hash),
+    ):
+        if expected is not None and expected != found:
+            raise CheckpointMismatchError(path, f"{name} {found!r}, expected {expected!r}")
+    return Checkpoint(path, header, tensors)
+
+
+def newest_valid_checkpoint(
+    candidates: Iterable[Path],
+    *,
+    model_hash: str | None = None,
+    config_hash: str | None = None,
+    on_rejected: Callable[[Path, CheckpointError | OSError], None] | None = None,
+) -> Checkpoint | None:
+    """The first of ``candidates`` (give them newest first) that reads and verifies, or None.
+
+    Each rejected file is logged (``checkpoint_rejected``) and passed to
+    ``on_rejected``, for instance to record a corruption event.
+    """
+    for path in candidates:
+        try:
+            return read_checkpoint(path, model_hash=model_hash, config_hash=config_hash)
+        except (CheckpointError, OSError) as error:
+            reason = error.reason if isinstance(error, CheckpointError) else repr(error)
+            log.warning(
+                "checkpoint_rejected", path=str(path), error=type(error).__name__, reason=reason
+            )
+            if on_rejected is not None:
+                on_rejected(Path(path), error)
+    return None
+
+
+class CheckpointDirectory:
+    """One session's checkpoint files, ``ckpt-<generation>.safetensors``, in one directory.
+
+    One writer at a time (the lease holder); readers may run beside it.
+    """
+
+    _NAME = re.compile(r"ckpt-(\d{12})\.safetensors")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path_for(self, generation: int) -> Path:
+        """Where generation ``generation`` is (or will be) stored."""
+        if generation < 0:
+            raise ValueError(f"generation must be non-negative, got {generation}")
+        return self.directory / f"ckpt-{generation:012d}.safetensors"
+
+    def generations(self) -> list[int]:
+        """The generations on disk, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (self._NAME.fullmatch(entry.name) for entry in self.directory.iterdir())
+        return sorted((int(match.group(1)) for match in found if match), reverse=True)
+
+    def write(
+        self,
+        generation: int,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        model_hash: str,
+        config_hash: str,
+        position: int,
+        wal_offset: int,
+    ) -> WrittenCheckpoint:
+        """Writes a generation (see write_checkpoint); creates the directory durably."""
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.directory.parent)
+        return write_checkpoint(
+            self.path_for(generation),
+            tensors,
+            model_hash=model_hash,
+            config_hash=config_hash,
+            position=position,
+            wal_offset=wal_offset,
+        )
+
+    def newest_valid(
+        self,
+        *,
+        model_hash: str | None = None,
+        config_hash: str | None = None,
+        on_rejected: Callable[[Path, CheckpointError | OSError], None] | None = None,
+    ) -> Checkpoint | None:
+        """The newest generation on disk that verifies (see newest_valid_checkpoint)."""
+        return newest_valid_checkpoint(
+            (self.path_for(generation) for generation in self.generations()),
+            model_hash=model_hash,
+            config_hash=config_hash,
+            on_rejected=on_rejected,
+        )
+
+    def prune(self, keep: int) -> list[Path]:
+        """Deletes all but the ``keep`` (>= 1) newest generations; returns the deleted files."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        removed = [self.path_for(generation) for generation in self.generations()[keep:]]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            fsync_directory(self.directory)
+        return removed
+
+    def remove_temporaries(self) -> list[Path]:
+        """Deletes temporaries left by interrupted writes; call only while no write runs."""
+        if not self.directory.is_dir():
+            return []
+        return remove_temporaries(self.directory)
