@@ -1,0 +1,1 @@
+"""Training: synthetic recall tasks and their curriculum."""

@@ -1,0 +1,329 @@
+"""Synthetic long-context tasks (RULER-style), generated on the fly from a seed.
+
+Every sample has exactly `spec.length` tokens:
+
+    BOS context (QUERY question answer)* [EOS]
+
+- passkey: "The pass key is 12345. Remember it." hidden in a haystack.
+- number / uuid: "The magic number for lantern is 4821937." (RULER's niah value kinds).
+- mqar: multi-query associative recall: key=value pairs, then several queries.
+- text: plain next-byte text (no question).
+
+Haystacks: repeated sentences, random words, random sentences, from the
+training vocabulary or the held-out one (haystack.py), with optional
+distractor sentences carrying numbers shaped like the answer. The needle goes
+at a sentence boundary at a chosen or random depth, and can be required
+inside or outside the attention window of the answer.
+
+Positions: token i of `Sample.tokens`; the model's logits at i - 1 predict token i.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from memsvc.model.tokenizer import EOS_ID, PAD_ID, QUERY_ID, encode
+from memsvc.train.haystack import VOCABULARIES, Haystack, haystack_units
+
+TaskKind = Literal["passkey", "number", "uuid", "mqar", "text"]
+NeedlePlacement = Literal["any", "in_window", "out_of_window"]
+NEEDLE_KINDS: tuple[TaskKind, ...] = ("passkey", "number", "uuid")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one sample looks like."""
+
+    kind: TaskKind
+    length: int  # tokens per sample, exactly
+    haystack: Haystack = "sentences"
+    vocabulary: Literal["train", "heldout"] = "train"
+    distractor_rate: float = 0.0  # chance that a haystack unit is a distractor sentence
+    # Needle tasks: "in_window": every answer position sees the whole needle within the
+    # attention window W; "out_of_window": none sees any of it.
+    needle: NeedlePlacement = "any"
+    window: int = 128
+    depth: float | None = None  # needle start / context length; None: random
+    n_queries: int = 4  # mqar
+
+    def __post_init__(self) -> None:
+        if self.depth is not None and not 0.0 <= self.depth <= 1.0:
+            raise ValueError("depth must be in [0, 1]")
+        if not 0.0 <= self.distractor_rate <= 1.0:
+            raise ValueError("distractor_rate must be in [0, 1]")
+        if self.kind == "mqar" and self.n_queries < 1:
+            raise ValueError("mqar needs n_queries >= 1")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sequence with the spans the loss and the evaluation need ([start, end) tokens)."""
+
+    tokens: Tensor  # (L,) int64
+    answers: tuple[tuple[int, int], ...]  # answer bytes, one span per question
+    questions: tuple[tuple[int, int], ...]  # QUERY + the question prompt, before each answer
+    answer_texts: tuple[str, ...]
+    needle: tuple[int, int] | None  # the needle sentence (needle tasks)
+
+    def mask(self, spans: Sequence[tuple[int, int]]) -> Tensor:
+        out = torch.zeros(len(self.tokens), dtype=torch.bool)
+        for start, end in spans:
+            out[start:end] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Samples padded to one length and shifted for next-token prediction."""
+
+    inputs: Tensor  # (B, L-1) int64 tokens[:, :-1]
+    targets: Tensor  # (B, L-1) int64 tokens[:, 1:], PAD after a sample's end
+    answer_mask: Tensor  # (B, L-1) bool: the target is an answer byte
+    text_mask: Tensor  # (B, L-1) bool: the target is a real token (next-byte loss)
+
+
+def generate(spec: TaskSpec, rng: random.Random) -> Sample:
+    """One sample of `spec`, drawing all randomness from `rng`."""
+    if spec.kind in NEEDLE_KINDS:
+        return _needle_sample(spec, rng)
+    if spec.kind == "mqar":
+        return _mqar_sample(spec, rng)
+    if spec.kind == "text":
+        return _text_sample(spec, rng)
+    raise ValueError(f"unknown task kind {spec.kind!r}")
+
+
+def sample(spec: TaskSpec, seed: int) -> Sample:
+    """The sample of `spec` for `seed` (the same on every machine)."""
+    return generate(spec, random.Random(seed))
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    length = max(len(s.tokens) for s in samples)
+    tokens = torch.full((len(samples), length), PAD_ID, dtype=torch.int64)
+    answer = torch.zeros(len(samples), length, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        tokens[i, : len(s.tokens)] = s.tokens
+        answer[i, : len(s.tokens)] = s.mask(s.answers)
+    return Batch(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        answer_mask=answer[:, 1:],
+        text_mask=tokens[:, 1:] != PAD_ID,
+    )
+
+
+# ---- needle tasks ------------------------------------------------------------------------
+
+
+def _needle(kind: TaskKind, rng: random.Random, vocab_name: str) -> tuple[str, str, str, int]:
+    """(needle sentence, question prompt, answer, distractor digits) of a needle task."""
+    if kind == "passkey":
+        key = str(rng.randrange(10_000, 100_000))
+        return (
+            f"The pass key is {key}. Remember it. ",
+            "What is the pass key? The pass key is ",
+            key,
+            5,
+        )
+    word = rng.choice(VOCABULARIES[vocab_name].objects)
+    if kind == "number":
+        value = str(rng.randrange(1_000_000, 10_000_000))
+    else:
+        value = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    noun = "number" if kind == "number" else "uuid"
+    return (
+        f"The magic {noun} for {word} is {value}. ",
+        f"What is the magic {noun} for {word}? The magic {noun} for {word} is ",
+        value,
+        7,
+    )
+
+
+def _needle_sample(spec: TaskSpec, rng: random.Random) -> Sample:
+    needle, question, answer, digits = _needle(spec.kind, rng, spec.vocabulary)
+    n_needle, n_question = len(encode(needle)), 1 + len(encode(question))  # + QUERY
+    n_hay = spec.length - 2 - n_needle - n_question - len(encode(answer))  # - BOS, EOS
+    if n_hay < 0:
+        raise ValueError(f"length {spec.length} is too short for a {spec.kind} sample")
+    units = haystack_units(
+        rng,
+        spec.haystack,
+        VOCABULARIES[spec.vocabulary],
+        n_hay,
+        spec.distractor_rate,
+        digits,
+    )
+    hay = "".join(units)[:n_hay]
+    at = _needle_position(spec, rng, hay, _starts(units), n_needle, n_question)
+    context = hay[:at] + needle + hay[at:]
+
+    tokens = encode(context, bos=True)
+    q_start = len(tokens)
+    tokens += [QUERY_ID, *encode(question)]
+    a_start = len(tokens)
+    tokens += [*encode(answer), EOS_ID]
+    return Sample(
+        tokens=torch.tensor(tokens, dtype=torch.int64),
+        answers=((a_start, a_start + len(answer)),),
+        questions=((q_start, a_start),),
+        answer_texts=(answer,),
+        needle=(1 + at, 1 + at + n_needle),
+    )
+
+
+def _starts(units: list[str]) -> list[int]:
+    starts, offset = [], 0
+    for unit in units:
+        starts.append(offset)
+        offset += len(unit)
+    return starts
+
+
+def _needle_position(
+    spec: TaskSpec,
+    rng: random.Random,
+    hay: str,
+    unit_starts: list[int],
+    n_needle: int,
+    n_question: int,
+) -> int:
+    """Byte offset in the haystack where the needle goes.
+
+    With the needle at offset p, the answer starts n_hay - p + n_needle + n_question
+    tokens after the needle's start; that distance decides what the window covers.
+    """
+    n_hay = len(hay)
+    lo, hi = 0, n_hay
+    if spec.needle == "in_window":  # answer start - needle start <= W
+        lo = n_hay + n_needle + n_question - spec.window
+        if lo > hi:
+            raise ValueError(f"a {spec.kind} needle and question do not fit in the window")
+        lo = max(lo, 0)
+    elif spec.needle == "out_of_window":  # answer start - needle end > W
+        hi = n_hay + n_question - spec.window - 1
+        if hi < 0:
+            raise ValueError(f"length {spec.length} is too short for an out-of-window needle")
+    if spec.depth is None:
+        target = rng.randint(lo, hi)
+    else:
+        target = round(spec.depth * n_hay)
+        if not lo <= target <= hi:
+            raise ValueError(f"depth {spec.depth} contradicts needle placement {spec.needle!r}")
+
+    # Prefer a unit (sentence or word) boundary, else a word boundary, else the target.
+    word_starts = [0] + [i + 1 for i, ch in enumerate(hay) if ch == " "]
+    for candidates in (unit_starts, word_starts):
+        inside = [p for p in candidates if lo <= p <= hi]
+        if inside:
+            return min(inside, key=lambda p: (abs(p - target), p))
+    return target
+
+
+# ---- multi-query associative recall and plain text ---------------------------------------
+
+
+def _mqar_sample(spec: TaskSpec, rng: random.Random) -> Sample:
+    """BOS "abcd=1234 " pairs ... then per query: QUERY "abcd=" answer "1234"; EOS."""
+    pair_len, query_len = 10, 10  # "abcd=1234 " and QUERY + "abcd=" + "1234"
+    region = spec.length - 2 - spec.n_queries * query_len
+    n_pairs = region // pair_len
+    if n_pairs < spec.n_queries:
+        raise ValueError(f"length {spec.length} holds fewer pairs than queries")
+    keys: dict[str, str] = {}
+    while len(keys) < n_pairs:
+        key = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=4))
+        keys.setdefault(key, str(rng.randrange(1000, 10_000)))
+    context = "".join(f"{k}={v} " for k, v in keys.items()) + " " * (region - n_pairs * pair_len)
+
+    tokens = encode(context, bos=True)
+    questions, answers, texts = [], [], []
+    for key in rng.sample(list(keys), spec.n_queries):
+        q_start = len(tokens)
+        tokens += [QUERY_ID, *encode(f"{key}=")]
+        a_start = len(tokens)
+        tokens += encode(keys[key])
+        questions.append((q_start, a_start))
+        answers.append((a_start, len(tokens)))
+        texts.append(keys[key])
+    tokens.append(EOS_ID)
+    return Sample(
+        tokens=torch.tensor(tokens, dtype=torch.int64),
+        answers=tuple(answers),
+        questions=tuple(questions),
+        answer_texts=tuple(texts),
+        needle=None,
+    )
+
+
+def _text_sample(spec: TaskSpec, rng: random.Random) -> Sample:
+    vocab = VOCABULARIES[spec.vocabulary]
+    n = spec.length - 1
+    units = haystack_units(rng, spec.haystack, vocab, n, spec.distractor_rate)
+    tokens = encode("".join(units)[:n], bos=True)
+    return Sample(torch.tensor(tokens, dtype=torch.int64), (), (), (), None)
+
+
+# ---- curriculum --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training: every batch mixes the listed kinds and haystacks uniformly."""
+
+    name: str
+    length: int
+    needle: NeedlePlacement
+    steps: int
+    batch_size: int
+    kinds: tuple[TaskKind, ...] = ("passkey",)
+    haystacks: tuple[Haystack, ...] = ("repeated", "sentences")
+    distractor_rate: float = 0.0
+
+    def specs(self, window: int) -> list[TaskSpec]:
+        return [
+            TaskSpec(
+                kind=kind,
+                length=self.length,
+                haystack=haystack,
+                distractor_rate=self.distractor_rate,
+                needle=self.needle if kind in NEEDLE_KINDS else "any",
+                window=window,
+            )
+            for kind in self.kinds
+            for haystack in self.haystacks
+        ]
+
+    def batch(self, window: int, seed: int) -> Batch:
+        """The stage's batch for `seed` (samples drawn from one seeded generator)."""
+        rng = random.Random(seed)
+        specs = self.specs(window)
+        return collate([generate(rng.choice(specs), rng) for _ in range(self.batch_size)])
+
+
+def reference_curriculum(window: int = 128, tokens_per_step: int = 8192) -> tuple[Stage, ...]:
+    """The recipe that learned recall in notes/trainability.md: an in-window warm-up first
+    (the copy circuit forms there), then needles beyond the window at growing lengths,
+    then varied haystacks with distractors so "write every digit" stops paying."""
+
+    def stage(name: str, length: int, needle: NeedlePlacement, steps: int, **kw) -> Stage:
+        batch_size = max(1, tokens_per_step // length)
+        return Stage(name, length, needle, steps, batch_size, **kw)
+
+    varied = {"kinds": ("passkey", "number", "mqar"), "haystacks": ("words", "sentences")}
+    return (
+        stage("warmup-in-window", 2 * window, "in_window", 100),
+        stage("beyond-window-512", 512, "out_of_window", 200),
+        stage("beyond-window-2k", 2048, "out_of_window", 200),
+        stage("beyond-window-4k", 4096, "out_of_window", 200),
+        stage("varied-1k", 1024, "any", 200, distractor_rate=0.2, **varied),
+        stage("varied-4k", 4096, "any", 200, distractor_rate=0.2, **varied),
+        stage("varied-8k", 8192, "any", 200, distractor_rate=0.2, **varied),
+    )
