@@ -1,0 +1,1 @@
+"""Benchmarks: `memsvc bench ...` and the peers each one is compared with."""

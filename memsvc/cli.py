@@ -1,0 +1,56 @@
+"""`memsvc ...`: the command-line entry point. Each command lives in its own module;
+this file only parses arguments and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _bench_lmm(args: argparse.Namespace) -> int:
+    from memsvc.bench.lmm import run_lmm_benchmark
+
+    return run_lmm_benchmark(
+        dims=args.dims,
+        tokens=args.tokens,
+        stream_tokens=args.stream_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        peer=not args.no_peer,
+        as_json=args.json,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memsvc", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="benchmarks that print their peer beside them")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    lmm = benches.add_parser(
+        "lmm", help="memory streaming throughput vs titans-pytorch 0.5.5 (same run)"
+    )
+    lmm.add_argument("--dims", type=lambda s: [int(d) for d in s.split(",")], default=[256, 512])
+    lmm.add_argument("--tokens", type=int, default=4096, help="tokens per 64-token-chunk run")
+    lmm.add_argument("--stream-tokens", type=int, default=256, help="tokens fed one at a time")
+    lmm.add_argument("--repeats", type=int, default=5)
+    lmm.add_argument("--threads", type=int, default=2)
+    lmm.add_argument("--no-peer", action="store_true", help="skip titans-pytorch")
+    lmm.add_argument("--json", action="store_true", help="print one JSON object")
+    lmm.set_defaults(func=_bench_lmm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from memsvc.obs.logging import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

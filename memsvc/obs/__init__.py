@@ -1,0 +1,1 @@
+"""Observability: structured logging set-up, metrics, alerts."""
