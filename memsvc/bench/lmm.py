@@ -29,6 +29,7 @@ class Row:
     tok_per_s: float
     peak_bytes: int
     state_bytes: int
+    finite: bool  # every output of the stream is finite
 
 
 def _ours(dim: int) -> NeuralMemory:
@@ -37,10 +38,11 @@ def _ours(dim: int) -> NeuralMemory:
 
 
 def _stream_ours(memory: NeuralMemory, x: torch.Tensor, segment: int):
-    state = None
+    state, outputs = None, []
     for start in range(0, x.shape[1], segment):
-        _, state = memory(x[:, start : start + segment], state)
-    return state
+        y, state = memory(x[:, start : start + segment], state)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
 
 
 def _measure(impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, threads: int) -> Row:
@@ -58,12 +60,12 @@ def _measure(impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, t
         memory = build_titans_memory(dim, depth=2, expansion=4.0, chunk_size=CHUNK, heads=1).eval()
 
         def run():
-            return stream_titans(memory, x, segment)[1]
+            return stream_titans(memory, x, segment)
 
         state_bytes = titans_state_nbytes
     timing = time_median(run, repeats=repeats, warmup=1, threads=threads)
     with torch.no_grad():
-        final = run()
+        outputs, final = run()
     return Row(
         impl=impl,
         dim=dim,
@@ -72,6 +74,7 @@ def _measure(impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, t
         tok_per_s=timing.per_second(x.shape[1]),
         peak_bytes=peak_tensor_bytes(run),
         state_bytes=state_bytes(final),
+        finite=bool(torch.isfinite(outputs).all()),
     )
 
 

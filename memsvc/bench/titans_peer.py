@@ -77,12 +77,13 @@ def stream_titans(
     token. `segment` should be 1 or a multiple of the chunk size (see the module
     docstring).
     """
+    if x.shape[1] == 0 or segment < 1:
+        raise ValueError("need at least one token and segment >= 1")
     outputs = []
     for start in range(0, x.shape[1], segment):
         y, state = memory(x[:, start : start + segment], state=state)  # (B, segment, dim)
         outputs.append(y)
-    if state is None:
-        raise ValueError("x has no tokens")
+    assert state is not None  # at least one call was made
     return torch.cat(outputs, dim=1), state
 
 

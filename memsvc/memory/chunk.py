@@ -73,20 +73,24 @@ def chunk_write(
         norm = torch.sqrt(torch.einsum("ni,nij,nj->n", w, gram, w).clamp_min(0.0))
         scale = (config.max_update_norm / norm.clamp_min(1e-30)).clamp_max(1.0).unsqueeze(-1)
         w = w * scale
-        ws = None if ws is None else ws * scale
+        ws = None if ws is None else w if coef.shared else ws * scale
 
+    # New weights accumulate in place on fresh GEMM outputs, so each big matrix is
+    # read once and written once (no separate scale / copy passes).
     beta = coef.beta.view(-1, 1, 1)
     new_w, new_s = [], []
-    if ws is None:
-        for layer, (g, h) in enumerate(zip(grads, trace.inputs, strict=True)):
-            gw = (g * w.unsqueeze(-1)).transpose(1, 2)
-            new_w.append(torch.baddbmm(weights[layer] * beta, gw, h, alpha=-1.0))
-        return ChunkWrite(weights=new_w, momentum=[], surprise_sq=surprise_sq, reads=reads)
-    c, e = coef.c.view(-1, 1, 1), coef.e.view(-1, 1, 1)
     for layer, (g, h) in enumerate(zip(grads, trace.inputs, strict=True)):
-        m0, s0 = weights[layer], momentum[layer]
-        gw = (g * w.unsqueeze(-1)).transpose(1, 2)
-        gs = (g * ws.unsqueeze(-1)).transpose(1, 2)
-        new_w.append(torch.baddbmm(torch.addcmul(m0 * beta, s0, c), gw, h, alpha=-1.0))
-        new_s.append(torch.baddbmm(s0 * e, gs, h, alpha=-1.0))
+        if coef.shared:  # S_C = e S_0 - U, M_C = beta M_0 + S_C
+            s_new = torch.bmm((g * -w.unsqueeze(-1)).transpose(1, 2), h)
+            s_new.addcmul_(momentum[layer], coef.e.view(-1, 1, 1))
+            new_s.append(s_new)
+            new_w.append(torch.addcmul(s_new, weights[layer], beta))
+            continue
+        m_new = torch.bmm((g * -w.unsqueeze(-1)).transpose(1, 2), h).addcmul_(weights[layer], beta)
+        if ws is not None:
+            s0 = momentum[layer]
+            m_new.addcmul_(s0, coef.c.view(-1, 1, 1))
+            s_new = torch.bmm((g * -ws.unsqueeze(-1)).transpose(1, 2), h)
+            new_s.append(s_new.addcmul_(s0, coef.e.view(-1, 1, 1)))
+        new_w.append(m_new)
     return ChunkWrite(weights=new_w, momentum=new_s, surprise_sq=surprise_sq, reads=reads)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Objective = Literal["mse", "huber", "lp"]
 Retention = Literal["l2", "none"]
-InnerOptimizer = Literal["momentum", "sgd"]
+InnerOptimizer = Literal["momentum", "chunk_momentum", "sgd"]
 UpdateRule = Literal["chunk", "delta"]
 Activation = Literal["gelu", "silu"]
 
@@ -103,7 +103,7 @@ class MemoryConfig:
 
     @property
     def has_momentum(self) -> bool:
-        return self.optimizer == "momentum"
+        return self.optimizer in ("momentum", "chunk_momentum")
 
     def layer_shapes(self) -> list[tuple[int, int]]:
         """(out, in) of each memory weight matrix, first layer first."""

@@ -124,6 +124,7 @@ class MLPMemory:
         chain = torch.ones_like(total[:, :1])
         for layer in range(self.depth - 2, -1, -1):
             w_next = weights[layer + 1]
-            chain = chain * (w_next.pow(2).sum((1, 2)).unsqueeze(1) * self.act_bound**2)
+            norm_sq = torch.linalg.vector_norm(w_next, dim=(1, 2)).square()
+            chain = chain * (norm_sq.unsqueeze(1) * self.act_bound**2)
             total = total + trace.inputs[layer].pow(2).sum(-1) * chain
         return total.clamp_min(1.0)

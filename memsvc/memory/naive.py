@@ -126,6 +126,15 @@ def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
 
                 def run(m_init, s_init, scale, first=start, us=us, steps=steps, n=n):
                     m, s = list(m_init), list(s_init)
+                    if cfg.optimizer == "chunk_momentum":  # one step per chunk, mean gates
+                        eta = proj.gates[n, first : first + c, 1].mean()
+                        a = 1 - proj.gates[n, first : first + c, 2].mean()
+                        total = [
+                            sum(scale * steps[j] * us[j][layer] for j in range(c))
+                            for layer in range(len(m))
+                        ]
+                        s = [eta * sl - tl for sl, tl in zip(s, total, strict=True)]
+                        return [a * ml + sl for ml, sl in zip(m, s, strict=True)], s
                     for j, i in enumerate(range(first, first + c)):
                         eta = proj.gates[n, i, 1] if cfg.has_momentum else 0.0
                         a = 1 - proj.gates[n, i, 2]

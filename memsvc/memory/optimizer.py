@@ -13,6 +13,12 @@ is linear in (M_0, S_0, u_1..u_C), so the chunk's effect is a handful of scalars
 The optimiser computes those scalars from the per-token gates with cumulative
 products (in log space, as segment sums, so nothing is divided by a tiny
 cumulative product). Plain SGD is the special case eta = 0 (no momentum state).
+
+`ChunkMomentumSGD` is the coarser recurrence titans-pytorch runs: momentum and
+forgetting step once per chunk, with the chunk's mean eta and alpha, over the
+chunk's theta-weighted gradient sum (S_C = eta S_0 - sum_i theta_i u_i,
+M_C = (1 - alpha) M_0 + S_C). Its two sums share their weights, so a chunk
+costs one gradient matmul per layer instead of two.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class ChunkCoefficients:
     c: Tensor | None = None  # (N,) weight of S_0 in M_C
     e: Tensor | None = None  # (N,) weight of S_0 in S_C
     ws: Tensor | None = None  # (N, C) weight of u_i in S_C (minus sign)
+    shared: bool = False  # ws == w and c == e: S_C is computed once and reused for M_C
 
 
 class InnerOptimizer(Protocol):
@@ -99,5 +106,22 @@ class MomentumSGD:
         )
 
 
+@dataclass(frozen=True)
+class ChunkMomentumSGD:
+    """Momentum and retention per chunk (mean gates), step size per token."""
+
+    has_momentum: bool = True
+
+    def coefficients(self, theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkCoefficients:
+        eta_c = eta.mean(-1)
+        return ChunkCoefficients(
+            beta=1.0 - alpha.mean(-1), w=theta, c=eta_c, e=eta_c, ws=theta, shared=True
+        )
+
+
 def make_optimizer(config: MemoryConfig) -> InnerOptimizer:
-    return MomentumSGD() if config.has_momentum else SGD()
+    if config.optimizer == "momentum":
+        return MomentumSGD()
+    if config.optimizer == "chunk_momentum":
+        return ChunkMomentumSGD()
+    return SGD()

@@ -31,6 +31,8 @@ CHUNKED = [
     {"depth": 3},
     {"depth": 4, "activation": "silu"},
     {"optimizer": "sgd"},
+    {"optimizer": "chunk_momentum"},
+    {"optimizer": "chunk_momentum", "max_update_norm": 0.05, "depth": 3},
     {"retention": "none"},
     {"objective": "huber", "huber_delta": 0.05},
     {"objective": "lp", "lp_p": 1.5},
