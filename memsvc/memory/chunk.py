@@ -4,13 +4,13 @@ For a chunk of C tokens and N = batch * heads memories:
   1. forward the keys through M_0, keep each layer's inputs H_l and
      pre-activations;
   2. back-propagate the objective's gradient to get G_l = d loss_i / d z_l;
-  3. the per-token weight gradient of layer l is u_i = G_l[i] H_l[i]^T, so the
-     weighted sum the optimiser needs is one matmul, (G_l * w)^T H_l; the
+  3. the per-token weight gradient of layer l is u_i = H_l[i] G_l[i]^T, so the
+     weighted sum the optimiser needs is one matmul, H_l^T (G_l * w); the
      per-token gradients are never materialised;
   4. the NLMS normaliser divides each token's step by the curvature bound, and
      the chunk's update is capped in Frobenius norm (max_update_norm).
 The surprise (norm of the mean raw gradient) uses the Gram identity
-||sum_i g_i h_i^T||_F^2 = sum_ij (g_i . g_j)(h_i . h_j): C x C products, no
+||sum_i h_i g_i^T||_F^2 = sum_ij (g_i . g_j)(h_i . h_j): C x C products, no
 extra (out x in) matmul.
 """
 
@@ -29,7 +29,7 @@ from memsvc.memory.optimizer import InnerOptimizer
 
 @dataclass
 class ChunkWrite:
-    weights: list[Tensor]  # (N, out, in) after the chunk, before the write gate
+    weights: list[Tensor]  # (N, in, out) after the chunk, before the write gate
     momentum: list[Tensor]  # same; [] without momentum
     surprise_sq: Tensor  # (N,) ||mean per-token gradient||^2 over all layers
     reads: Tensor | None  # (N, R, d) M_0(q) for the queries passed in
@@ -81,16 +81,16 @@ def chunk_write(
     new_w, new_s = [], []
     for layer, (g, h) in enumerate(zip(grads, trace.inputs, strict=True)):
         if coef.shared:  # S_C = e S_0 - U, M_C = beta M_0 + S_C
-            s_new = torch.bmm((g * -w.unsqueeze(-1)).transpose(1, 2), h)
+            s_new = torch.bmm(h.transpose(1, 2), g * -w.unsqueeze(-1))
             s_new.addcmul_(momentum[layer], coef.e.view(-1, 1, 1))
             new_s.append(s_new)
             new_w.append(torch.addcmul(s_new, weights[layer], beta))
             continue
-        m_new = torch.bmm((g * -w.unsqueeze(-1)).transpose(1, 2), h).addcmul_(weights[layer], beta)
+        m_new = torch.bmm(h.transpose(1, 2), g * -w.unsqueeze(-1)).addcmul_(weights[layer], beta)
         if ws is not None:
             s0 = momentum[layer]
             m_new.addcmul_(s0, coef.c.view(-1, 1, 1))
-            s_new = torch.bmm((g * -ws.unsqueeze(-1)).transpose(1, 2), h)
+            s_new = torch.bmm(h.transpose(1, 2), g * -ws.unsqueeze(-1))
             new_s.append(s_new.addcmul_(s0, coef.e.view(-1, 1, 1)))
         new_w.append(m_new)
     return ChunkWrite(weights=new_w, momentum=new_s, surprise_sq=surprise_sq, reads=reads)

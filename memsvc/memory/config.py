@@ -106,11 +106,11 @@ class MemoryConfig:
         return self.optimizer in ("momentum", "chunk_momentum")
 
     def layer_shapes(self) -> list[tuple[int, int]]:
-        """(out, in) of each memory weight matrix, first layer first."""
+        """(in, out) of each memory weight matrix, first layer first."""
         d, h = self.head_dim, self.hidden_dim
         if self.depth == 1:
             return [(d, d)]
-        return [(h, d)] + [(h, h)] * (self.depth - 2) + [(d, h)]
+        return [(d, h)] + [(h, h)] * (self.depth - 2) + [(h, d)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

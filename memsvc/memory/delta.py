@@ -5,6 +5,9 @@ before it, as Gated DeltaNet computes it; decay first, then the delta write):
 
     W_t = a_t W_{t-1} - theta_t (a_t W_{t-1} k_t - v_t) k_t^T        y_t = W_t q_t
 
+(written as W v-by-k here; the code stores its transpose, (d_k, d_v), like every
+memory weight: rows index the input).
+
 Chunk form (WY representation). With Gam[t, s] = prod_{m=s+1..t} a_m and
 gamma_t = prod_{m<=t} a_m inside the chunk, W_t = gamma_t W_0 + sum_{s<=t}
 Gam[t, s] u_s k_s^T where the pseudo-values u solve the unit lower-triangular
@@ -29,12 +32,12 @@ from memsvc.memory.optimizer import segsum
 @dataclass
 class DeltaChunk:
     outputs: Tensor  # (N, n_read, d)
-    weights: Tensor  # (N, d, d) after the whole chunk (before the write gate)
+    weights: Tensor  # (N, d_k, d_v) after the whole chunk (before the write gate)
     surprise_sq: Tensor  # (N,) ||mean gradient at W_0||^2
 
 
 def delta_chunk(
-    w0: Tensor,  # (N, d_v, d_k)
+    w0: Tensor,  # (N, d_k, d_v): the transpose of W
     q: Tensor,  # (N, n_read, d_k) queries of the chunk's last n_read tokens
     k: Tensor,  # (N, n, d_k)
     v: Tensor,  # (N, n, d_v)
@@ -46,7 +49,7 @@ def delta_chunk(
     gam = torch.exp(segsum(log_a))  # (N, n, n), zero above the diagonal
     gamma = torch.exp(log_a.cumsum(-1))  # (N, n)
 
-    kw = torch.bmm(k, w0.transpose(1, 2))  # (N, n, d_v)
+    kw = torch.bmm(k, w0)  # (N, n, d_v)
     kk = torch.bmm(k, k.transpose(1, 2))
     a = (theta.unsqueeze(-1) * gam * kk).tril(-1)
     eye = torch.eye(n, dtype=k.dtype, device=k.device)
@@ -55,10 +58,10 @@ def delta_chunk(
 
     rows = slice(n - n_read, n)
     qk = torch.bmm(q, k.transpose(1, 2)) * gam[:, rows]
-    y = gamma[:, rows].unsqueeze(-1) * torch.bmm(q, w0.transpose(1, 2)) + torch.bmm(qk, u)
+    y = gamma[:, rows].unsqueeze(-1) * torch.bmm(q, w0) + torch.bmm(qk, u)
 
     w_end = gamma[:, -1].view(-1, 1, 1) * w0 + torch.bmm(
-        (u * gam[:, -1].unsqueeze(-1)).transpose(1, 2), k
+        k.transpose(1, 2), u * gam[:, -1].unsqueeze(-1)
     )
 
     g = kw - v  # per-token MSE gradient at W_0 is g_i k_i^T

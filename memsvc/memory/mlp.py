@@ -1,11 +1,12 @@
 """The memory architecture: an MLP evaluated at per-stream weights.
 
-`M(x) = x + W_L act(... act(W_1 x))` for depth >= 2 (residual MLP); depth 1 is
-the linear matrix memory `M(x) = W x`. Weights are plain tensors of shape
-(N, out, in), one set per stream and head, so one batched matmul serves many
-sessions. Forward and backward are written out by hand: the chunk update needs
+`M(x) = x + act(... act(x W_1) ...) W_L` for depth >= 2 (residual MLP); depth 1
+is the linear matrix memory `M(x) = x W`. Weights are plain tensors of shape
+(N, in, out), one set per stream and head, so one batched matmul serves many
+sessions; (in, out) makes both the forward `H W` and the gradient sum
+`H^T (G * w)` plain GEMMs whose output is already in the weights' layout. Forward and backward are written out by hand: the chunk update needs
 the per-layer output gradients G_l and inputs H_l, never per-token weight
-gradients (those would be (N, C, out, in)).
+gradients (those would be (N, C, in, out)).
 """
 
 from __future__ import annotations
@@ -71,20 +72,20 @@ class MLPMemory:
         recall never starts: notes/trainability.md); the last layer starts at zero
         so a fresh memory is the identity (depth >= 2) or empty (depth 1)."""
         weights = []
-        for layer, (o, i) in enumerate(self.shapes):
+        for layer, (i, o) in enumerate(self.shapes):
             if layer == self.depth - 1:
-                weights.append(torch.zeros(o, i))
+                weights.append(torch.zeros(i, o))
             elif layer == 0:
-                weights.append(torch.randn(o, i, generator=generator))
+                weights.append(torch.randn(i, o, generator=generator))
             else:
-                weights.append(torch.randn(o, i, generator=generator) / math.sqrt(i))
+                weights.append(torch.randn(i, o, generator=generator) / math.sqrt(i))
         return weights
 
     def forward(self, weights: list[Tensor], x: Tensor) -> Tensor:
         """x: (N, T, d) -> M(x): (N, T, d)."""
         h = x
         for layer, w in enumerate(weights):
-            z = torch.bmm(h, w.transpose(1, 2))
+            z = torch.bmm(h, w)
             h = self.act(z) if layer < self.depth - 1 else z
         return h + x if self.residual else h
 
@@ -93,7 +94,7 @@ class MLPMemory:
         h = x
         for layer, w in enumerate(weights):
             inputs.append(h)
-            z = torch.bmm(h, w.transpose(1, 2))
+            z = torch.bmm(h, w)
             if layer < self.depth - 1:
                 pre.append(z)
                 h = self.act(z)
@@ -104,12 +105,12 @@ class MLPMemory:
     def backward(self, weights: list[Tensor], trace: Trace, g_out: Tensor) -> list[Tensor]:
         """Gradient of the loss w.r.t. each layer's pre-activation, G_l: (N, T, out_l).
 
-        The per-token weight gradient of layer l is the outer product G_l[t] H_l[t]^T.
+        The per-token weight gradient of layer l is the outer product H_l[t] G_l[t]^T.
         """
         grads = [g_out]
         g = g_out
         for layer in range(self.depth - 2, -1, -1):
-            g = torch.bmm(g, weights[layer + 1]) * self.act_grad(trace.pre[layer])
+            g = torch.bmm(g, weights[layer + 1].transpose(1, 2)) * self.act_grad(trace.pre[layer])
             grads.append(g)
         grads.reverse()
         return grads

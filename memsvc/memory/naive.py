@@ -23,7 +23,7 @@ _ACT_BOUND = {"gelu": 1.129, "silu": 1.100}
 @dataclass
 class ReferenceResult:
     y: Tensor  # (B, T, dim)
-    weights: list[Tensor]  # per layer (B, H, out, in): weights at the last chunk boundary
+    weights: list[Tensor]  # per layer (B, H, in, out): weights at the last chunk boundary
     momentum: list[Tensor]
     writes_applied: Tensor  # (B,)
     writes_skipped: Tensor
@@ -31,11 +31,11 @@ class ReferenceResult:
 
 
 def _apply(memory: NeuralMemory, ws: list[Tensor], x: Tensor) -> Tensor:
-    """M(x) for one vector x (d,)."""
+    """M(x) for one vector x (d,); weights are (in, out)."""
     act = _ACT[memory.config.activation]
     h = x
     for layer, w in enumerate(ws):
-        h = w @ h
+        h = h @ w
         if layer < len(ws) - 1:
             h = act(h)
     return h + x if len(ws) >= 2 else h
@@ -47,7 +47,7 @@ def _curvature(memory: NeuralMemory, ws: list[Tensor], k: Tensor) -> Tensor:
     inputs, h = [], k
     for layer, w in enumerate(ws):
         inputs.append(h)
-        h = w @ h
+        h = h @ w
         if layer < len(ws) - 1:
             h = act(h)
     total = torch.zeros((), dtype=k.dtype)
@@ -179,7 +179,8 @@ def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
 
 
 def reference_delta(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
-    """The gated delta rule token by token: W <- a W; W <- W - theta (W k - v) k^T; y = W q.
+    """The gated delta rule token by token: W <- a W; W <- W - theta (W k - v) k^T; y = W q
+    (with W stored transposed, (d_k, d_v), as the fast path stores it).
 
     Within a chunk every token sees the writes before it; the write gate decides
     per complete chunk whether the chunk's writes are kept.
@@ -205,8 +206,8 @@ def reference_delta(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
                     k, v, q = proj.k[n, i], proj.v[n, i], proj.q[n, i]
                     theta, alpha = proj.gates[n, i, 0], proj.gates[n, i, 2]
                     w = (1 - alpha) * w
-                    w = w - theta * torch.outer(w @ k - v, k)
-                    ys[bb, hh, i] = (w @ q).detach()
+                    w = w - theta * torch.outer(k, k @ w - v)
+                    ys[bb, hh, i] = (q @ w).detach()
                 mean = sum(
                     _grad(memory, [w0], proj.k[n, i], proj.v[n, i])[0] for i in range(start, end)
                 )
@@ -237,7 +238,7 @@ def reference_delta(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
 
 
 def _stack(per_stream: list[list[list[Tensor]]]) -> list[Tensor]:
-    """[B][H][layer] -> per layer (B, H, out, in)."""
+    """[B][H][layer] -> per layer (B, H, in, out)."""
     depth = len(per_stream[0][0])
     return [
         torch.stack([torch.stack([heads[layer] for heads in stream]) for stream in per_stream])

@@ -80,7 +80,7 @@ class NeuralMemory(nn.Module):
         self.arch = MLPMemory(cfg)
         heads_init = [self.arch.init_weights() for _ in range(cfg.heads)]
         self.initial_weights = nn.ParameterList(
-            nn.Parameter(torch.stack([h[layer] for h in heads_init]))  # (H, out, in)
+            nn.Parameter(torch.stack([h[layer] for h in heads_init]))  # (H, in, out)
             for layer in range(cfg.depth)
         )
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.has_output_proj else None

@@ -29,7 +29,7 @@ class MemoryState:
     Shapes: B streams, H heads, P pending tokens (< chunk_size).
     """
 
-    weights: tuple[Tensor, ...]  # per layer (B, H, out, in), float32
+    weights: tuple[Tensor, ...]  # per layer (B, H, in, out), float32
     momentum: tuple[Tensor, ...]  # per layer like weights; () without momentum
     pending_k: Tensor  # (B, H, P, d) keys of the partial chunk
     pending_v: Tensor  # (B, H, P, d) values
