@@ -4,8 +4,9 @@
 is the linear matrix memory `M(x) = x W`. Weights are plain tensors of shape
 (N, in, out), one set per stream and head, so one batched matmul serves many
 sessions; (in, out) makes both the forward `H W` and the gradient sum
-`H^T (G * w)` plain GEMMs whose output is already in the weights' layout. Forward and backward are written out by hand: the chunk update needs
-the per-layer output gradients G_l and inputs H_l, never per-token weight
+`H^T (G * w)` plain GEMMs whose output is already in the weights' layout.
+Forward and backward are written out by hand: the chunk update needs the
+per-layer output gradients G_l and inputs H_l, never per-token weight
 gradients (those would be (N, C, in, out)).
 """
 
