@@ -19,6 +19,7 @@ def _bench_lmm(args: argparse.Namespace) -> int:
         threads=args.threads,
         peer=not args.no_peer,
         as_json=args.json,
+        optimizer=args.optimizer,
     )
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="train a MAG model (see `memsvc train --help`)")
 
     bench = commands.add_parser("bench", help="benchmarks that print their peer beside them")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -40,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     lmm.add_argument("--threads", type=int, default=2)
     lmm.add_argument("--no-peer", action="store_true", help="skip titans-pytorch")
     lmm.add_argument("--json", action="store_true", help="print one JSON object")
+    lmm.add_argument(
+        "--optimizer",
+        default="momentum",
+        choices=["momentum", "chunk_momentum", "sgd"],
+        help="our inner optimiser (chunk_momentum is titans-pytorch's recurrence)",
+    )
     lmm.set_defaults(func=_bench_lmm)
     return parser
 
@@ -47,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from memsvc.obs.logging import configure_logging
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (and torchrun runs it directly)
+        from memsvc.train.cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
     return int(args.func(args) or 0)

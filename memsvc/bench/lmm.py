@@ -32,8 +32,10 @@ class Row:
     finite: bool  # every output of the stream is finite
 
 
-def _ours(dim: int) -> NeuralMemory:
-    cfg = MemoryConfig(dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK)
+def _ours(dim: int, optimizer: str = "momentum") -> NeuralMemory:
+    cfg = MemoryConfig(
+        dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK, optimizer=optimizer
+    )
     return NeuralMemory(cfg).eval()
 
 
@@ -45,9 +47,11 @@ def _stream_ours(memory: NeuralMemory, x: torch.Tensor, segment: int):
     return torch.cat(outputs, dim=1), state
 
 
-def _measure(impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, threads: int) -> Row:
+def _measure(
+    impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, threads: int, optimizer: str
+) -> Row:
     if impl == "memsvc":
-        memory = _ours(dim)
+        memory = _ours(dim, optimizer)
 
         def run():
             return _stream_ours(memory, x, segment)
@@ -86,6 +90,7 @@ def run_lmm_benchmark(
     threads: int = 2,
     peer: bool = True,
     as_json: bool = False,
+    optimizer: str = "momentum",
 ) -> int:
     tune_allocator()
     torch.manual_seed(0)
@@ -95,8 +100,8 @@ def run_lmm_benchmark(
         for segment, n in ((CHUNK, tokens), (1, stream_tokens)):
             x = torch.randn(1, n, dim)
             for impl in impls:
-                rows.append(_measure(impl, dim, segment, x, repeats, threads))
-    report = _report(rows, threads)
+                rows.append(_measure(impl, dim, segment, x, repeats, threads, optimizer))
+    report = _report(rows, threads, optimizer)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -104,7 +109,7 @@ def run_lmm_benchmark(
     return 0
 
 
-def _report(rows: list[Row], threads: int) -> dict:
+def _report(rows: list[Row], threads: int, optimizer: str) -> dict:
     configs = []
     keyed = {(r.impl, r.dim, r.segment): r for r in rows}
     for (impl, dim, segment), ours in keyed.items():
@@ -123,6 +128,7 @@ def _report(rows: list[Row], threads: int) -> dict:
         )
     return {
         "work": "batch 1, float32, depth 2, expansion 4, chunk 64, heads 1, state carried",
+        "memsvc_optimizer": optimizer,
         "threads": threads,
         "torch": torch.__version__,
         "configs": configs,
@@ -133,7 +139,10 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"LMM streaming ({report['work']}; {report['threads']} threads)")
+    table = Table(
+        title=f"LMM streaming ({report['work']}; {report['threads']} threads;"
+        f" memsvc optimizer {report['memsvc_optimizer']})"
+    )
     for col in (
         "dim",
         "tokens/call",

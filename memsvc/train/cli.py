@@ -1,0 +1,177 @@
+"""`memsvc train`: train a MAG model on the recall curriculum, unattended.
+
+    memsvc train --out runs/ref --config reference --time-budget 3600
+    memsvc train --out runs/ref --resume --time-budget 3600      # continue the same run
+    torchrun --nproc-per-node 8 -m memsvc.train.cli --out runs/big --config big.json
+
+A run writes OUT/checkpoints/step-*/ (each a model directory plus trainer.pt)
+every --checkpoint-every steps and when it stops, and the final model to
+OUT/model. It stops at --max-steps (default: the curriculum's steps), at the
+time budget, or on SIGINT / SIGTERM, always leaving a checkpoint that
+--resume continues exactly. Options that change what is learned are fixed by
+the checkpoint on --resume; --time-budget, --max-steps, --device and
+--threads may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import structlog
+import torch
+
+from memsvc.obs.logging import configure_logging
+from memsvc.train.distributed import Distributed
+from memsvc.train.progress import ProgressBar
+from memsvc.train.recipe import PRESETS, TrainRecipe, curriculum, model_config
+from memsvc.train.trainer import Trainer, TrainingDivergedError
+
+# Recipe options: the checkpoint fixes them on --resume.
+_RECIPE_OPTIONS = (
+    "config",
+    "memory",
+    "batch_size",
+    "lr",
+    "seed",
+    "next_byte_weight",
+    "advance_at",
+    "checkpoint_every",
+    "log_every",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memsvc train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, final model)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run under --out from its latest checkpoint",
+    )
+    parser.add_argument(
+        "--config", help=f"model preset {'/'.join(PRESETS)} or a ModelConfig JSON file (reference)"
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("delta", "mlp"),
+        help="delta: matrix memory, exact delta rule (default); mlp: depth-2 MLP memory",
+    )
+    parser.add_argument(
+        "--time-budget", type=float, help="seconds for this invocation, setup included"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="total steps of the run (default: the curriculum's); the cosine schedule spans "
+        "them, so changing it on --resume reshapes the rest of the schedule",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="warm-up sequences per step over all ranks; later stages keep its tokens per "
+        "step (default: 8192 tokens per step)",
+    )
+    parser.add_argument("--lr", type=float, help="peak learning rate (2e-3)")
+    parser.add_argument("--seed", type=int, help="model initialisation and data (0)")
+    parser.add_argument(
+        "--next-byte-weight", type=float, help="loss = answer loss + w * next-byte loss (0.3)"
+    )
+    parser.add_argument(
+        "--advance-at",
+        type=float,
+        help="leave a stage early at this exact-match on its last batches (0.95; 0: never)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (100)")
+    parser.add_argument("--log-every", type=int, help="steps between log lines (10)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none unless on a terminal)"
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="JSON log lines (default: when stderr is not a terminal)",
+    )
+    return parser
+
+
+def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
+    overrides = {
+        "seed": args.seed,
+        "lr": args.lr,
+        "max_steps": args.max_steps,
+        "next_byte_weight": args.next_byte_weight,
+        "checkpoint_every": args.checkpoint_every,
+        "log_every": args.log_every,
+    }
+    if args.advance_at is not None:
+        overrides["advance_at"] = args.advance_at or None
+    return TrainRecipe(
+        stages=curriculum(window, args.batch_size),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    if args.resume:
+        fixed = [
+            f"--{k.replace('_', '-')}" for k in _RECIPE_OPTIONS if getattr(args, k) is not None
+        ]
+        if fixed:
+            parser.error(f"{', '.join(fixed)}: fixed by the checkpoint when resuming")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    dist = Distributed.from_env(args.device)
+    try:
+        if args.resume:
+            trainer = Trainer.resume(args.out, max_steps=args.max_steps, dist=dist)
+        else:
+            config = model_config(args.config or "reference", args.memory)
+            trainer = Trainer.create(config, _new_recipe(args, config.window), args.out, dist=dist)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        dist.close()
+        print(f"memsvc train: {error}", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, frame: object) -> None:
+        trainer.request_stop()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    budget = None
+    if args.time_budget is not None:
+        budget = args.time_budget - (time.perf_counter() - started)
+    show_bar = dist.is_main and not args.no_progress and sys.stderr.isatty()
+    bar = ProgressBar(trainer.recipe.total_steps, trainer.state.step) if show_bar else None
+    try:
+        with bar or contextlib.nullcontext():
+            trainer.run(time_budget=budget, progress=bar)
+    except TrainingDivergedError as error:
+        structlog.get_logger(__name__).error("train_diverged", error=str(error))
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
