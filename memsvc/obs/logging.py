@@ -8,6 +8,11 @@ import sys
 import structlog
 
 
+def _current_stderr(*_args: object) -> structlog.PrintLogger:
+    """A logger on whatever sys.stderr is now: progress bars and test runners swap it."""
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Key-value events to stderr: JSON lines in production (or when stderr is not a
     terminal), readable columns in a terminal. stdout stays free for command output."""
@@ -24,6 +29,6 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_current_stderr,
         cache_logger_on_first_use=False,
     )
