@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+from memsvc.configs import require_known_fields
 
 Objective = Literal["mse", "huber", "lp"]
 Retention = Literal["l2", "none"]
@@ -117,10 +119,7 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown MemoryConfig fields: {sorted(unknown)}")
+        require_known_fields(cls, data)
         return cls(**data)
 
 

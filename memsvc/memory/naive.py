@@ -76,6 +76,17 @@ def _projected(memory: NeuralMemory, x: Tensor):
     return proj, weights
 
 
+def _gate(cfg, ema: Tensor, rate: Tensor, bb: int, surprise_sq: Tensor) -> tuple[bool, float]:
+    """The seed's write gate for stream bb, as gate.py documents it (updates ema, rate)."""
+    ema[bb] = cfg.surprise_beta * ema[bb] + (1 - cfg.surprise_beta) * surprise_sq.sqrt()
+    write = cfg.tau == 0 or bool(ema[bb] > cfg.tau)
+    rate[bb] = cfg.write_rate_beta * rate[bb] + (1 - cfg.write_rate_beta) * float(write)
+    lam = 0.0
+    if cfg.adaptive_forgetting:
+        lam = min(cfg.lambda_max, cfg.lambda_0 / max(float(rate[bb]), cfg.min_write_rate))
+    return write, lam
+
+
 def _merge(memory: NeuralMemory, ys: Tensor) -> Tensor:
     """(B, H, T, d) per-head reads -> (B, T, dim) module output."""
     b, h, t, d = ys.shape
@@ -154,12 +165,7 @@ def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
                 new_per_head.append(run(m0, s0, scale))
             if end - start < c:
                 continue
-            ema[bb] = cfg.surprise_beta * ema[bb] + (1 - cfg.surprise_beta) * surprise_sq.sqrt()
-            write = cfg.tau == 0 or bool(ema[bb] > cfg.tau)
-            rate[bb] = cfg.write_rate_beta * rate[bb] + (1 - cfg.write_rate_beta) * float(write)
-            lam = 0.0
-            if cfg.adaptive_forgetting:
-                lam = min(cfg.lambda_max, cfg.lambda_0 / max(float(rate[bb]), cfg.min_write_rate))
+            write, lam = _gate(cfg, ema, rate, bb, surprise_sq)
             if write:
                 applied[bb] += 1
                 for hh in range(h):
@@ -215,12 +221,7 @@ def reference_delta(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
                 ends.append(w)
             if end - start < c:
                 continue
-            ema[bb] = cfg.surprise_beta * ema[bb] + (1 - cfg.surprise_beta) * surprise_sq.sqrt()
-            write = cfg.tau == 0 or bool(ema[bb] > cfg.tau)
-            rate[bb] = cfg.write_rate_beta * rate[bb] + (1 - cfg.write_rate_beta) * float(write)
-            lam = 0.0
-            if cfg.adaptive_forgetting:
-                lam = min(cfg.lambda_max, cfg.lambda_0 / max(float(rate[bb]), cfg.min_write_rate))
+            write, lam = _gate(cfg, ema, rate, bb, surprise_sq)
             if write:
                 applied[bb] += 1
                 for hh in range(h):

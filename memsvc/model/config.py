@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from memsvc.configs import require_known_fields
 from memsvc.memory import MemoryConfig
 from memsvc.model.tokenizer import VOCAB_SIZE
 
@@ -76,10 +77,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        require_known_fields(cls, data)
         data = dict(data)
         if data.get("memory") is not None:
             data["memory"] = MemoryConfig.from_dict(data["memory"])

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
+from memsvc.configs import require_known_fields
 from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
@@ -159,10 +160,7 @@ class TrainRecipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainRecipe fields: {sorted(unknown)}")
+        require_known_fields(cls, data)
         data = dict(data)
         data["stages"] = tuple(
             Stage(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
