@@ -168,4 +168,4 @@ def _print_table(report: dict) -> None:
             if peer
             else f"{ours['state_bytes'] / 1e3:.0f}",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 160)).print(table)
