@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memsvc.memory import MemoryState
+from tests.state_asserts import assert_states_equal
 
 from .conftest import make_memory
 
@@ -25,16 +26,6 @@ def stream(mem, x: torch.Tensor, cuts: list[int], state=None):
     return torch.cat(ys, dim=1), state
 
 
-def assert_states_close(a: MemoryState, b: MemoryState, **tol) -> None:
-    da, db = a.to_dict(), b.to_dict()
-    assert da.keys() == db.keys()
-    for key in da:
-        if da[key].is_floating_point():
-            torch.testing.assert_close(da[key], db[key], **tol, msg=key)
-        else:
-            assert torch.equal(da[key], db[key]), key
-
-
 @pytest.mark.parametrize("overrides", CONFIGS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_any_split_gives_the_same_outputs_and_state(overrides: dict, seed: int) -> None:
@@ -47,7 +38,7 @@ def test_any_split_gives_the_same_outputs_and_state(overrides: dict, seed: int) 
     for split in (cuts, list(range(1, 41))):  # random pieces, then one token at a time
         y, state = stream(mem, x, split)
         torch.testing.assert_close(y, whole_y, rtol=1e-9, atol=1e-9)
-        assert_states_close(state, whole_state, rtol=1e-9, atol=1e-9)
+        assert_states_equal(state, whole_state, rtol=1e-9, atol=1e-9)
 
 
 def test_empty_call_changes_nothing() -> None:
@@ -56,7 +47,7 @@ def test_empty_call_changes_nothing() -> None:
     _, state = mem(x)
     y, after = mem(x[:, :0], state)
     assert y.shape == (1, 0, 16)
-    assert_states_close(after, state, rtol=0, atol=0)
+    assert_states_equal(after, state, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
@@ -67,7 +58,7 @@ def test_a_stream_does_not_depend_on_its_batch(overrides: dict) -> None:
     for b, alone_state in enumerate(batch_state.unstack()):
         y, state = mem(x[b : b + 1])
         torch.testing.assert_close(batch_y[b : b + 1], y, rtol=1e-12, atol=1e-12)
-        assert_states_close(alone_state, state, rtol=1e-12, atol=1e-12)
+        assert_states_equal(alone_state, state, rtol=1e-12, atol=1e-12)
 
 
 def test_stack_then_stream_equals_streaming_apart() -> None:
@@ -80,7 +71,7 @@ def test_stack_then_stream_equals_streaming_apart() -> None:
     ya, sa2 = mem(more[:1], sa)
     yb, sb2 = mem(more[1:], sb)
     torch.testing.assert_close(y, torch.cat([ya, yb]), rtol=1e-12, atol=1e-12)
-    assert_states_close(MemoryState.stack([sa2, sb2]), both, rtol=1e-12, atol=1e-12)
+    assert_states_equal(MemoryState.stack([sa2, sb2]), both, rtol=1e-12, atol=1e-12)
 
 
 def test_stack_refuses_different_pending_lengths() -> None:
@@ -98,13 +89,13 @@ def test_state_round_trips_through_its_tensor_dict_exactly(overrides: dict) -> N
     d = state.to_dict()
     assert all(isinstance(v, torch.Tensor) for v in d.values())
     back = MemoryState.from_dict({k: v.clone() for k, v in d.items()})
-    assert_states_close(back, state, rtol=0, atol=0)
+    assert_states_equal(back, state, rtol=0, atol=0)
     # and it streams on identically
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     y1, s1 = mem(x, state)
     y2, s2 = mem(x, back)
     assert torch.equal(y1, y2)
-    assert_states_close(s1, s2, rtol=0, atol=0)
+    assert_states_equal(s1, s2, rtol=0, atol=0)
 
 
 def test_state_size_is_fixed_whatever_the_stream_length() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from memsvc.memory import MemoryConfig
 from memsvc.model import MAGModel, ModelConfig, ModelState
+from tests.state_asserts import assert_states_equal
 
 from .conftest import small_model
 
@@ -20,16 +21,6 @@ def stream(model, tokens, cuts, state=None, **kw):
         logits, state = model(tokens[:, a:b], state, **kw)
         outs.append(logits)
     return torch.cat(outs, dim=1), state
-
-
-def assert_states_equal(a: ModelState, b: ModelState, **tol) -> None:
-    da, db = a.to_dict(), b.to_dict()
-    assert da.keys() == db.keys()
-    for key in da:
-        if da[key].is_floating_point():
-            torch.testing.assert_close(da[key], db[key], **tol, msg=key)
-        else:
-            assert torch.equal(da[key], db[key]), key
 
 
 MEMORIES = [

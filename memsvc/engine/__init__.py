@@ -1,0 +1,8 @@
+"""The engine: streams tokens through a frozen MAG model (append, generate, batched steps).
+
+No I/O and no sessions: it maps (state, tokens) to (state, outputs)."""
+
+from memsvc.engine.sampling import SamplingParams, sample_next
+from memsvc.engine.stream import AppendStats, Generation, StreamingEngine
+
+__all__ = ["AppendStats", "Generation", "SamplingParams", "StreamingEngine", "sample_next"]

@@ -1,0 +1,265 @@
+"""`StreamingEngine`: append, generate and batched steps over `ModelState`s.
+
+The engine runs a frozen `MAGModel` under `torch.no_grad`; it keeps no state
+of its own. A state here always holds one stream (batch 1): `step_batch`
+stacks sessions into batches itself and hands back single-stream states.
+
+Batching. `ModelState.stack` needs every stream at the same offset in the
+memory chunk (the memory's pending partial chunk has one length per batch),
+and one forward needs the same number of new tokens per stream (padding
+would be written into the memory). So `step_batch` cuts each session's
+tokens at chunk boundaries and runs rounds; in each round a session brings
+
+    pending p > 0:                  min(remaining, C - p) tokens  (finish its partial chunk)
+    p == 0, remaining >= C:         whole chunks                  (the round's "whole" group)
+    p == 0, remaining < C:          the remaining tokens          (its last partial chunk)
+
+Sessions with the same (p, length) form one batch. The "whole" group runs as
+one batch of the smallest whole-chunk count among its members (at most
+`max_segment`), so sessions of unequal lengths share a forward for as long
+as they overlap. Every cut is a split of the session's stream, and the model
+gives the same outputs for any split: each session ends exactly where
+appending it alone would (to float tolerance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from memsvc.engine.sampling import SamplingParams, sample_next
+from memsvc.model import MAGModel, ModelState
+from memsvc.model.tokenizer import EOS_ID
+
+Tokens = Sequence[int] | Tensor
+
+
+@dataclass(frozen=True)
+class AppendStats:
+    """A session after an append; memory counters are summed over layers."""
+
+    position: int  # tokens the stream has seen
+    appended: int  # tokens this call brought
+    writes_applied: int  # memory chunks written (all layers)
+    writes_skipped: int  # memory chunks the write gate skipped (all layers)
+    surprise_ema: float  # the write gate's surprise EMA, mean over layers
+    memory_norm: float  # L2 norm of all memory weights (every layer and head)
+    last_logits: Tensor | None  # (V,) next-token logits after the last token; None if none came
+
+
+class StreamingEngine:
+    """Streams tokens through a frozen model for any number of single-stream states.
+
+    max_segment bounds the tokens of one forward (the activations grow with
+    it); it must be a multiple of the memory chunk."""
+
+    def __init__(self, model: MAGModel, max_segment: int = 4096) -> None:
+        config = model.config
+        self.model = model
+        self.chunk_size = config.memory.chunk_size if config.use_memory else 1
+        if max_segment < self.chunk_size or max_segment % self.chunk_size:
+            raise ValueError(
+                f"max_segment must be a positive multiple of the memory chunk "
+                f"{self.chunk_size}, got {max_segment}"
+            )
+        self.max_segment = max_segment
+        self.device = model.embed.weight.device
+
+    @torch.no_grad()
+    def init_state(self) -> ModelState:
+        """A fresh single-stream state (its memory weights start as views of the model's)."""
+        return self.model.init_state(1, self.device)
+
+    def append(self, state: ModelState, tokens: Tokens) -> tuple[ModelState, AppendStats]:
+        """Feed a 1-D token list to one stream; returns its new state and stats."""
+        _check_single(state)
+        ids = self._as_tokens(tokens)
+        last_logits = None
+        for start in range(0, len(ids), self.max_segment):
+            logits, state = self._forward(ids[None, start : start + self.max_segment], state)
+            last_logits = logits[0]
+        return state, _stats(state, len(ids), last_logits)
+
+    def step_batch(
+        self, states: Sequence[ModelState], tokens: Sequence[Tokens]
+    ) -> list[tuple[ModelState, AppendStats]]:
+        """Append tokens[i] to states[i] for every session, batching the forwards
+        (module docstring); each result equals `append(states[i], tokens[i])`."""
+        if len(states) != len(tokens):
+            raise ValueError(f"{len(states)} states but {len(tokens)} token lists")
+        for state in states:
+            _check_single(state)
+        ids = [self._as_tokens(t) for t in tokens]
+        current = list(states)
+        done = [0] * len(ids)
+        last_logits: list[Tensor | None] = [None] * len(ids)
+        while rounds := self._plan_round(
+            [_pending(s) for s in current], [len(t) - d for t, d in zip(ids, done, strict=True)]
+        ):
+            for length, members in rounds:
+                batch = torch.stack([ids[i][done[i] : done[i] + length] for i in members])
+                stacked = ModelState.stack([current[i] for i in members])
+                logits, stacked = self._forward(batch, stacked)  # (B, V)
+                for row, (i, state) in enumerate(zip(members, stacked.unstack(), strict=True)):
+                    current[i], last_logits[i] = state, logits[row]
+                    done[i] += length
+        return [
+            (state, _stats(state, len(t), logits))
+            for state, t, logits in zip(current, ids, last_logits, strict=True)
+        ]
+
+    def generate(
+        self, state: ModelState, prompt_tokens: Tokens, params: SamplingParams
+    ) -> Generation:
+        """Append the prompt, then sample token by token (see `Generation`)."""
+        _check_single(state)
+        prompt = self._as_tokens(prompt_tokens)
+        if len(prompt) == 0:
+            raise ValueError("generate needs at least one prompt token (sampling starts from it)")
+        return Generation(self, state, prompt, params)
+
+    # ---- internals ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _forward(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """tokens (B, T) -> next-token logits (B, V) after the last of them, and the state."""
+        logits, state = self.model(tokens, state)
+        return logits[:, -1], state
+
+    def _plan_round(self, pending: list[int], remaining: list[int]) -> list[tuple[int, list[int]]]:
+        """One round of step_batch: (length, sessions) batches, each session at most once."""
+        c = self.chunk_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        whole: list[int] = []
+        for i, (p, r) in enumerate(zip(pending, remaining, strict=True)):
+            if r == 0:
+                continue
+            if p == 0 and r >= c:
+                whole.append(i)
+            else:
+                groups.setdefault((p, min(r, c - p) if p else r), []).append(i)
+        batches = [(length, members) for (_, length), members in groups.items()]
+        if whole:
+            length = min(remaining[i] - remaining[i] % c for i in whole)
+            batches.append((min(length, self.max_segment), whole))
+        return batches
+
+    def _as_tokens(self, tokens: Tokens) -> Tensor:
+        """A 1-D int64 tensor on the model's device, every id inside the vocabulary."""
+        if torch.is_tensor(tokens):
+            ids = tokens
+        else:  # no dtype given, so floats and bools show as such instead of being cast
+            ids = torch.tensor(list(tokens)) if len(tokens) else torch.zeros(0, dtype=torch.int64)
+        if ids.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"tokens must be integers, got {ids.dtype}")
+        vocab = self.model.config.vocab_size
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        return ids.to(self.device, torch.int64)
+
+
+class Generation:
+    """Iterator over the token ids one `StreamingEngine.generate` call produces.
+
+    Stops after max_new_tokens sampled tokens, at EOS (not yielded) or when
+    the output ends with a stop sequence (not yielded: tokens that may begin
+    one are held back until they cannot). Once exhausted, `state` has seen
+    the prompt and exactly the yielded tokens, and `finish_reason` is
+    "length", "eos" or "stop". A given seed gives the same tokens every time.
+    """
+
+    def __init__(
+        self, engine: StreamingEngine, state: ModelState, prompt: Tensor, params: SamplingParams
+    ) -> None:
+        self.state: ModelState | None = None
+        self.finish_reason: str | None = None
+        generator = torch.Generator(device=engine.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        self._steps = self._run(engine, state, prompt, params, generator)
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._steps)
+
+    def _run(
+        self,
+        engine: StreamingEngine,
+        state: ModelState,
+        prompt: Tensor,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> Iterator[int]:
+        stops = [list(seq) for seq in params.stop]
+        logits, state = engine._forward(prompt[None], state)  # (1, V)
+        held: list[tuple[int, ModelState]] = []  # sampled, not yielded: (token, state before it)
+        reason = "length"
+        for _ in range(params.max_new_tokens):
+            token = int(sample_next(logits, params, generator)[0])
+            if token == EOS_ID:
+                reason = "eos"
+                break
+            held.append((token, state))
+            ids = [t for t, _ in held]
+            matched = max((len(s) for s in stops if ids[-len(s) :] == s), default=0)
+            if matched:
+                state = held[-matched][1]  # forget the stop sequence's tokens
+                del held[-matched:]
+                reason = "stop"
+                break
+            keep = _open_stop_prefix(ids, stops)
+            for t, _ in held[: len(held) - keep]:
+                yield t
+            del held[: len(held) - keep]
+            logits, state = engine._forward(torch.tensor([[token]], device=engine.device), state)
+        for t, _ in held:
+            yield t
+        self.state, self.finish_reason = state, reason
+
+
+def _open_stop_prefix(ids: list[int], stops: list[list[int]]) -> int:
+    """Length of the longest suffix of ids that a stop sequence begins with (not all of it)."""
+    return max(
+        (n for s in stops for n in range(1, min(len(s) - 1, len(ids)) + 1) if ids[-n:] == s[:n]),
+        default=0,
+    )
+
+
+def _check_single(state: ModelState) -> None:
+    if state.batch != 1:
+        raise ValueError(f"the engine takes single-stream states, got one of {state.batch} streams")
+
+
+def _pending(state: ModelState) -> int:
+    """Tokens in the memory's partial chunk (the same in every layer; 0 without memory)."""
+    memory = state.blocks[0].memory
+    return 0 if memory is None else memory.pending
+
+
+@torch.no_grad()
+def _stats(state: ModelState, appended: int, last_logits: Tensor | None) -> AppendStats:
+    memories = [block.memory for block in state.blocks if block.memory is not None]
+    weights = [w for m in memories for w in m.weights]
+    return AppendStats(
+        position=int(state.position[0]),
+        appended=appended,
+        writes_applied=sum(int(m.writes_applied[0]) for m in memories),
+        writes_skipped=sum(int(m.writes_skipped[0]) for m in memories),
+        surprise_ema=float(torch.stack([m.surprise_ema[0] for m in memories]).mean())
+        if memories
+        else 0.0,
+        memory_norm=float(sum(w.double().square().sum() for w in weights) ** 0.5)
+        if weights
+        else 0.0,
+        last_logits=last_logits,
+    )
