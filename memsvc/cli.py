@@ -7,6 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from memsvc.eval.cli import add_niah_parser
+
 
 def _bench_lmm(args: argparse.Namespace) -> int:
     from memsvc.bench.lmm import run_lmm_benchmark
@@ -29,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a MAG model (see `memsvc train --help`)")
+
+    evaluate = commands.add_parser("eval", help="evaluations of a trained model")
+    evals = evaluate.add_subparsers(dest="eval", required=True)
+    add_niah_parser(evals)
 
     bench = commands.add_parser("bench", help="benchmarks that print their peer beside them")
     benches = bench.add_subparsers(dest="bench", required=True)

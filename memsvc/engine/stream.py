@@ -54,11 +54,14 @@ class StreamingEngine:
     """Streams tokens through a frozen model for any number of single-stream states.
 
     max_segment bounds the tokens of one forward (the activations grow with
-    it); it must be a multiple of the memory chunk."""
+    it); it must be a multiple of the memory chunk. use_memory=False runs the
+    sliding-window-only ablation: the memory branch reads as zero and its
+    state never changes."""
 
-    def __init__(self, model: MAGModel, max_segment: int = 4096) -> None:
+    def __init__(self, model: MAGModel, max_segment: int = 4096, use_memory: bool = True) -> None:
         config = model.config
         self.model = model
+        self.use_memory = use_memory
         self.chunk_size = config.memory.chunk_size if config.use_memory else 1
         if max_segment < self.chunk_size or max_segment % self.chunk_size:
             raise ValueError(
@@ -126,7 +129,7 @@ class StreamingEngine:
     @torch.no_grad()
     def _forward(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """tokens (B, T) -> next-token logits (B, V) after the last of them, and the state."""
-        logits, state = self.model(tokens, state)
+        logits, state = self.model(tokens, state, use_memory=self.use_memory)
         return logits[:, -1], state
 
     def _plan_round(self, pending: list[int], remaining: list[int]) -> list[tuple[int, list[int]]]:

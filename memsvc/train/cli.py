@@ -25,16 +25,19 @@ from collections.abc import Sequence
 import structlog
 import torch
 
+from memsvc.model.io import load_config
 from memsvc.obs.logging import configure_logging
 from memsvc.train.distributed import Distributed
 from memsvc.train.progress import ProgressBar
-from memsvc.train.recipe import PRESETS, TrainRecipe, curriculum, model_config
+from memsvc.train.recipe import CURRICULA, PRESETS, TrainRecipe, curriculum, model_config
 from memsvc.train.trainer import Trainer, TrainingDivergedError
 
 # Recipe options: the checkpoint fixes them on --resume.
 _RECIPE_OPTIONS = (
     "config",
     "memory",
+    "curriculum",
+    "init_from",
     "batch_size",
     "lr",
     "seed",
@@ -64,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         choices=("delta", "mlp"),
         help="delta: matrix memory, exact delta rule (default); mlp: depth-2 MLP memory",
+    )
+    parser.add_argument(
+        "--curriculum",
+        choices=CURRICULA,
+        help="reference: from scratch (default); long: long-context fine-tuning after it",
+    )
+    parser.add_argument(
+        "--init-from",
+        help="start from this model directory's weights and config (fine-tuning); "
+        "--config and --memory may not be given with it",
     )
     parser.add_argument(
         "--time-budget", type=float, help="seconds for this invocation, setup included"
@@ -110,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
     overrides = {
         "seed": args.seed,
+        "init_from": args.init_from,
         "lr": args.lr,
         "max_steps": args.max_steps,
         "next_byte_weight": args.next_byte_weight,
@@ -119,7 +133,7 @@ def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
     if args.advance_at is not None:
         overrides["advance_at"] = args.advance_at or None
     return TrainRecipe(
-        stages=curriculum(window, args.batch_size),
+        stages=curriculum(window, args.batch_size, args.curriculum or "reference"),
         **{k: v for k, v in overrides.items() if v is not None},
     )
 
@@ -143,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             trainer = Trainer.resume(args.out, max_steps=args.max_steps, dist=dist)
         else:
-            config = model_config(args.config or "reference", args.memory)
+            if args.init_from is not None and (args.config or args.memory):
+                parser.error("--init-from takes the model's own config: drop --config/--memory")
+            if args.init_from is not None:
+                config = load_config(args.init_from)
+            else:
+                config = model_config(args.config or "reference", args.memory)
             trainer = Trainer.create(config, _new_recipe(args, config.window), args.out, dist=dist)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         dist.close()

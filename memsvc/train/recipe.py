@@ -22,10 +22,11 @@ from memsvc.configs import require_known_fields
 from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
-from memsvc.train.tasks import Stage, reference_curriculum
+from memsvc.train.tasks import Stage, long_context_curriculum, reference_curriculum
 
 MemoryKind = Literal["delta", "mlp"]
 PRESETS = ("tiny", "reference")
+CURRICULA = ("reference", "long")
 
 # Parameters that train at `fast_lr_mult` x the learning rate (notes/trainability.md,
 # item 4): the memory's gates and convolutions and the attention's q/k convolutions.
@@ -97,13 +98,19 @@ def model_config(source: str, memory: MemoryKind | None = None) -> ModelConfig:
 # ---- the recipe --------------------------------------------------------------------------
 
 
-def curriculum(window: int, batch_size: int | None = None) -> tuple[Stage, ...]:
-    """The reference curriculum. `batch_size` is the warm-up stage's sequences per step;
-    later stages keep the same tokens per step (None: 8192 tokens per step)."""
+def curriculum(
+    window: int, batch_size: int | None = None, name: str = "reference"
+) -> tuple[Stage, ...]:
+    """A named curriculum. reference: from scratch (8192 tokens per step); long: the
+    long-context fine-tuning after it (32768 tokens per step). `batch_size` is the first
+    stage's sequences per step; later stages keep the same tokens per step."""
+    if name not in CURRICULA:
+        raise ValueError(f"unknown curriculum {name!r} ({', '.join(CURRICULA)})")
+    build = reference_curriculum if name == "reference" else long_context_curriculum
     if batch_size is None:
-        return reference_curriculum(window, TOKENS_PER_STEP)
-    warmup_length = reference_curriculum(window)[0].length
-    return reference_curriculum(window, tokens_per_step=batch_size * warmup_length)
+        return build(window) if name == "long" else build(window, TOKENS_PER_STEP)
+    first_length = build(window)[0].length
+    return build(window, tokens_per_step=batch_size * first_length)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class TrainRecipe:
 
     stages: tuple[Stage, ...]
     seed: int = 0
+    init_from: str | None = None  # a model directory whose weights start the run
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 20

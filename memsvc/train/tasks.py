@@ -123,7 +123,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
 # ---- needle tasks ------------------------------------------------------------------------
 
 
-def _needle(kind: TaskKind, rng: random.Random, vocab_name: str) -> tuple[str, str, str, int]:
+def needle_parts(kind: TaskKind, rng: random.Random, vocab_name: str) -> tuple[str, str, str, int]:
     """(needle sentence, question prompt, answer, distractor digits) of a needle task."""
     if kind == "passkey":
         key = str(rng.randrange(10_000, 100_000))
@@ -148,7 +148,7 @@ def _needle(kind: TaskKind, rng: random.Random, vocab_name: str) -> tuple[str, s
 
 
 def _needle_sample(spec: TaskSpec, rng: random.Random) -> Sample:
-    needle, question, answer, digits = _needle(spec.kind, rng, spec.vocabulary)
+    needle, question, answer, digits = needle_parts(spec.kind, rng, spec.vocabulary)
     n_needle, n_question = len(encode(needle)), 1 + len(encode(question))  # + QUERY
     n_hay = spec.length - 2 - n_needle - n_question - len(encode(answer))  # - BOS, EOS
     if n_hay < 0:
@@ -326,4 +326,23 @@ def reference_curriculum(window: int = 128, tokens_per_step: int = 8192) -> tupl
         stage("varied-1k", 1024, "any", 200, distractor_rate=0.2, **varied),
         stage("varied-4k", 4096, "any", 200, distractor_rate=0.2, **varied),
         stage("varied-8k", 8192, "any", 200, distractor_rate=0.2, **varied),
+    )
+
+
+def long_context_curriculum(window: int = 128, tokens_per_step: int = 32768) -> tuple[Stage, ...]:
+    """Fine-tuning for recall far beyond the window, from a model that finished the
+    reference curriculum: needles at growing distances in varied haystacks with
+    distractor numbers, so the memory learns to keep the needle through long filler
+    instead of overwriting it."""
+    varied = {"kinds": ("passkey", "number"), "haystacks": ("words", "sentences")}
+
+    def stage(name: str, length: int, steps: int) -> Stage:
+        batch_size = max(1, tokens_per_step // length)
+        placement: NeedlePlacement = "out_of_window"
+        return Stage(name, length, placement, steps, batch_size, distractor_rate=0.1, **varied)
+
+    return (
+        stage("long-8k", 8192, 60),
+        stage("long-16k", 16384, 120),
+        stage("long-32k", 32768, 200),
     )

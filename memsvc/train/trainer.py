@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memsvc.memory import NeuralMemory
 from memsvc.model import MAGModel, ModelConfig, save_model
+from memsvc.model.io import load_model
 from memsvc.train.checkpoints import (
     Checkpoint,
     RunCheckpoints,
@@ -187,7 +188,9 @@ class Trainer:
         dist: Distributed | None = None,
         loss_hook: LossHook | None = None,
     ) -> Trainer:
-        """A new run: the model initialised from `recipe.seed`. `out` must hold no run."""
+        """A new run: the model initialised from `recipe.seed`, or with the weights of the
+        model directory `recipe.init_from` (whose config must be `config`). `out` must
+        hold no run."""
         existing = RunCheckpoints(out).latest()
         if existing is not None:
             raise FileExistsError(f"{out} already holds a run ({existing.name}): resume it")
@@ -195,7 +198,13 @@ class Trainer:
             dist.barrier()  # every rank has looked before rank 0 writes the first checkpoint
         random.seed(recipe.seed)
         torch.manual_seed(recipe.seed)
-        return cls(MAGModel(config), recipe, out, dist=dist, loss_hook=loss_hook)
+        model = MAGModel(config)
+        if recipe.init_from is not None:
+            start = load_model(recipe.init_from)
+            if start.config != config:
+                raise ValueError(f"{recipe.init_from}: its config differs from the run's")
+            model.load_state_dict(start.state_dict())
+        return cls(model, recipe, out, dist=dist, loss_hook=loss_hook)
 
     @classmethod
     def resume(

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from memsvc.model import MAGModel, ModelConfig, load_model, model_hash
+from memsvc.model import MAGModel, ModelConfig, load_model, model_hash, save_model
 from memsvc.train.checkpoints import RunCheckpoints, checkpoint_position
 from memsvc.train.cli import main
 from memsvc.train.distributed import Distributed
@@ -108,6 +108,29 @@ def test_time_budget_stops_the_run_and_leaves_a_resumable_checkpoint(tmp_path: P
     resumed = Trainer.resume(out)
     assert resumed.state.step == step + 2 and resumed.recipe.max_steps == step + 2
     assert resumed.recipe.lr == 2e-3 and resumed.recipe.stages[0].batch_size == 4
+
+
+def test_fine_tuning_starts_from_a_model_directory(tmp_path: Path) -> None:
+    source = MAGModel(TINY)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # unlike any seed's initialisation
+    save_model(source, tmp_path / "start")
+    tuned = Trainer.create(TINY, recipe(init_from=str(tmp_path / "start")), tmp_path / "second")
+    assert model_hash(tuned.model) == model_hash(tmp_path / "start")
+    other = model_config("tiny", "mlp")
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer.create(other, recipe(init_from=str(tmp_path / "start")), tmp_path / "third")
+
+    out = str(tmp_path / "cli")
+    base = ["--out", out, "--no-progress", "--init-from", str(tmp_path / "start")]
+    with pytest.raises(SystemExit):
+        main([*base, "--config", "tiny"])  # the model directory brings its own config
+    assert main([*base, "--curriculum", "long", "--time-budget", "0"]) == 0  # setup only
+    run = Trainer.resume(out)
+    assert run.recipe.init_from == str(tmp_path / "start") and run.state.step == 0
+    assert run.recipe.stages[0].name == "long-8k"
+    assert model_hash(run.model) == model_hash(tmp_path / "start")
 
 
 @pytest.mark.parametrize(("fault", "reason"), [(math.nan, "non_finite"), (1e4, "exploded")])
