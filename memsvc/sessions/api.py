@@ -1,0 +1,121 @@
+"""What the session layer offers the server: the values it returns and the errors it raises.
+
+`memsvc.sessions.manager.SessionManager` implements these calls; the gRPC
+server (`memsvc.server`) maps the errors to status codes:
+
+    SessionNotFoundError      NOT_FOUND            (also: another tenant's session)
+    InvalidRequestError       INVALID_ARGUMENT     (nothing changed)
+    QuotaExceededError        RESOURCE_EXHAUSTED   (sessions per tenant, budgets)
+    SessionBusyError          ABORTED              (the session is quarantined or moving)
+    IncompatibleStateError    FAILED_PRECONDITION  (export of another model / format)
+    ManagerClosedError        UNAVAILABLE          (shutting down)
+
+Every call is scoped by tenant: a session of another tenant is reported
+exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from memsvc.store.errors import NotFoundError, QuotaExceededError
+from memsvc.store.hot_state import Tier
+
+__all__ = [
+    "AppendResult",
+    "CheckpointInfo",
+    "IncompatibleStateError",
+    "InvalidRequestError",
+    "ManagerClosedError",
+    "ManagerStats",
+    "QuotaExceededError",
+    "ResidentSession",
+    "SessionBusyError",
+    "SessionInfo",
+    "SessionNotFoundError",
+    "Tier",
+]
+
+
+class SessionNotFoundError(NotFoundError):
+    """No such session for this tenant."""
+
+
+class InvalidRequestError(ValueError):
+    """The request is malformed (empty tokens, ids outside the vocabulary, bad params)."""
+
+
+class SessionBusyError(Exception):
+    """The session cannot be served now (quarantined after a failure, or being moved)."""
+
+
+class IncompatibleStateError(Exception):
+    """An imported or restored state does not fit the served model (hash, format, config)."""
+
+
+class ManagerClosedError(Exception):
+    """The manager is shutting down or closed."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as a client sees it."""
+
+    session_id: str
+    tenant_id: str
+    name: str
+    model_hash: str
+    position: int  # tokens the stream has seen (acknowledged)
+    durable_position: int  # position of the newest checkpoint
+    tier: Tier | None  # where its state is now; None: never materialised (a new session)
+    created_at: datetime
+    state_bytes: int  # bytes of its state when resident (0 if unknown)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an acknowledged append reports; returned only once the tokens are durable."""
+
+    session_id: str
+    position: int  # tokens seen after this append
+    appended: int
+    writes_applied: int  # memory chunks written so far (all layers)
+    writes_skipped: int  # memory chunks the write gate skipped so far
+    surprise: float  # the write gate's surprise EMA (mean over layers)
+    memory_norm: float  # L2 norm of all memory weights
+    wal_offset: int  # end of the session's log after this append
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    session_id: str
+    generation: int
+    position: int
+    wal_offset: int
+    path: str
+    size_bytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ResidentSession:
+    session_id: str
+    tenant_id: str
+    tier: Tier
+    state_bytes: int
+    position: int
+    last_access: float  # time.time() of the last touch
+    pinned: bool  # in use right now: never evicted
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    resident: dict[Tier, int]  # sessions per tier
+    bytes_used: dict[Tier, int]
+    budgets: dict[Tier, int]
+    evictions: int
+    restores: int
+    appends: int
+    tokens_appended: int
+    checkpoints: int
