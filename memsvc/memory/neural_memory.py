@@ -45,6 +45,12 @@ def causal_depthwise_conv(ext: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def mitigated(state: MemoryState) -> bool:
+    """Whether any stream has a mitigation knob off its neutral value (one sync, and
+    the common case then skips two elementwise passes)."""
+    return bool((state.step_scale != 1).any() or (state.forget_boost != 0).any())
+
+
 class Projected:
     """Per-token memory inputs of one call, flattened to N = B * H memories."""
 
@@ -131,6 +137,8 @@ class NeuralMemory(nn.Module):
             writes_skipped=zeros(batch, dtype=torch.int64),
             surprise_ema=zeros(batch),
             write_rate=torch.ones(batch, device=dev, dtype=dtype),
+            step_scale=torch.ones(batch, device=dev, dtype=dtype),
+            forget_boost=zeros(batch),
         )
 
     # ---- projections -------------------------------------------------------------------
@@ -166,9 +174,12 @@ class NeuralMemory(nn.Module):
             k = F.normalize(heads(parts[1]), dim=-1)
 
         logits = self.to_gates(x).to(math_dtype).view(b, t, 3, h)  # (B, T, 3, H)
-        theta = cfg.max_step * torch.sigmoid(logits[:, :, 0])
+        theta = cfg.max_step * torch.sigmoid(logits[:, :, 0])  # (B, T, H)
         eta = cfg.max_momentum * torch.sigmoid(logits[:, :, 1])
         alpha = self.retention.forget(logits[:, :, 2])
+        if mitigated(state):  # the ops guards' knobs, per stream
+            theta = theta * state.step_scale.view(b, 1, 1)
+            alpha = 1.0 - (1.0 - alpha) * (1.0 - state.forget_boost.view(b, 1, 1))
         gates = torch.stack([theta, eta, alpha], dim=-1)  # (B, T, H, 3)
         gates = gates.transpose(1, 2).reshape(b * h, t, 3)
         return Projected(q, k, v, gates), tail, last_query
@@ -247,6 +258,8 @@ class NeuralMemory(nn.Module):
             conv_tail=conv_tail,
             last_query=last_query,
             tokens=state.tokens + t,
+            step_scale=state.step_scale,
+            forget_boost=state.forget_boost,
             **counters,
         )
         if wrote and self.check_finite:

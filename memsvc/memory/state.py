@@ -42,6 +42,9 @@ class MemoryState:
     writes_skipped: Tensor  # (B,) int64
     surprise_ema: Tensor  # (B,) float32
     write_rate: Tensor  # (B,) float32 EMA of the write indicator
+    # Mitigation knobs (ops guards turn them; they apply to tokens projected afterwards):
+    step_scale: Tensor  # (B,) float32 in (0, 1]: theta_t is multiplied by it
+    forget_boost: Tensor  # (B,) float32 in [0, 1): alpha_t' = 1 - (1 - alpha_t)(1 - boost)
 
     @property
     def batch(self) -> int:
@@ -69,6 +72,10 @@ class MemoryState:
             n = sum(1 for key in data if key.startswith(prefix + "."))
             return tuple(data[f"{prefix}.{i}"] for i in range(n))
 
+        data = dict(data)
+        if "step_scale" not in data:  # written before mitigation existed: none applied
+            data["step_scale"] = torch.ones_like(data["surprise_ema"])
+            data["forget_boost"] = torch.zeros_like(data["surprise_ema"])
         rest = {f.name: data[f.name] for f in fields(cls) if f.name not in ("weights", "momentum")}
         return cls(weights=layers("weights"), momentum=layers("momentum"), **rest)
 
@@ -128,6 +135,18 @@ class MemoryState:
         bad = self.non_finite()
         if bad:
             raise NonFiniteStateError(bad)
+
+    def with_mitigation(self, step_scale: float, forget_boost: float) -> MemoryState:
+        """The same state with every stream's mitigation knobs set (see the fields)."""
+        if not 0.0 < step_scale <= 1.0:
+            raise ValueError(f"step_scale must be in (0, 1], got {step_scale}")
+        if not 0.0 <= forget_boost < 1.0:
+            raise ValueError(f"forget_boost must be in [0, 1), got {forget_boost}")
+        return replace(
+            self,
+            step_scale=torch.full_like(self.step_scale, step_scale),
+            forget_boost=torch.full_like(self.forget_boost, forget_boost),
+        )
 
     def with_counters(self, **counters: Tensor) -> MemoryState:
         unknown = set(counters) - set(_COUNTERS)

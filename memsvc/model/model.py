@@ -8,7 +8,7 @@ outputs agree to float tolerance.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,17 @@ class ModelState:
             blocks.append(BlockState(AttentionCache.from_dict(attention), memory))
         position = torch.cat([s.position for s in states])
         return ModelState(position=position, blocks=tuple(blocks))
+
+    def with_mitigation(self, step_scale: float, forget_boost: float) -> ModelState:
+        """The same state with every memory layer's mitigation knobs set
+        (`MemoryState.with_mitigation`); the ops guards turn these."""
+        blocks = tuple(
+            replace(b, memory=b.memory.with_mitigation(step_scale, forget_boost))
+            if b.memory is not None
+            else b
+            for b in self.blocks
+        )
+        return ModelState(position=self.position, blocks=blocks)
 
     def unstack(self) -> list[ModelState]:
         """Split into B single-stream states."""
