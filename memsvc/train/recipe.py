@@ -22,6 +22,7 @@ from memsvc.configs import require_known_fields
 from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
+from memsvc.model.tokenizer import VOCAB_SIZE
 from memsvc.train.tasks import Stage, long_context_curriculum, reference_curriculum
 
 MemoryKind = Literal["delta", "mlp"]
@@ -138,6 +139,10 @@ class TrainRecipe:
     # back to the last checkpoint with the learning rate times `rollback_lr_factor`.
     explode_factor: float = 3.0
     explode_slack: float = 1.0
+    # ... and above this floor: a loss under ln(vocab) (guessing every byte uniformly) is
+    # never an explosion. Without it, one hard batch (batch size 1 at 8k: an mqar sample
+    # after passkey ones) reads as an explosion and the run rolls itself back to death.
+    explode_floor: float = math.log(VOCAB_SIZE)
     explode_warmup: int = 10  # good steps of a stage before the explosion test applies
     max_bad_steps: int = 3
     rollback_lr_factor: float = 0.5

@@ -312,7 +312,9 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return "non_finite"
         warm = st.good_in_stage >= recipe.explode_warmup
-        if warm and loss > recipe.explode_factor * st.loss_ema + recipe.explode_slack:
+        limit = recipe.explode_factor * st.loss_ema + recipe.explode_slack
+        limit = max(limit, recipe.explode_floor)
+        if warm and loss > limit:
             return "exploded"
         return None
 

@@ -161,6 +161,21 @@ def test_a_bad_step_is_skipped_without_touching_the_weights(
     assert not torch.equal(trainer.model.lm_head.weight, before["lm_head.weight"])
 
 
+def test_a_hard_batch_under_the_floor_is_not_an_explosion(tmp_path: Path) -> None:
+    """Loss well above 3 x EMA + 1 but under ln(vocab): one hard batch, trained on."""
+    hard_step = 6
+
+    def hook(step: int, loss: Tensor) -> Tensor:
+        return loss * 0 + 5.0 if step == hard_step else loss * 0.1  # EMA ~0.1 x the loss
+
+    r = recipe(explode_warmup=3, explode_factor=1.1, explode_slack=0.0)
+    trainer = Trainer.create(TINY, r, tmp_path, loss_hook=hook)
+    for _ in range(hard_step):
+        assert trainer.step().skipped is None
+    assert 1.1 * trainer.state.loss_ema < 5.0 < math.log(260)
+    assert trainer.step().skipped is None and trainer.state.skipped == 0
+
+
 def test_repeated_bad_steps_roll_back_and_lower_the_learning_rate(tmp_path: Path) -> None:
     poisoned = {5, 6, 7}  # NaN once each; the replay after the rollback is clean
 
