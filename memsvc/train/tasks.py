@@ -342,7 +342,7 @@ def long_context_curriculum(window: int = 128, tokens_per_step: int = 32768) -> 
         return Stage(name, length, placement, steps, batch_size, distractor_rate=0.1, **varied)
 
     return (
-        stage("long-8k", 8192, 60),
-        stage("long-16k", 16384, 120),
-        stage("long-32k", 32768, 200),
+        stage("long-8k", 8192, 40),
+        stage("long-16k", 16384, 80),
+        stage("long-32k", 32768, 120),
     )
