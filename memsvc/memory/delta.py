@@ -21,6 +21,7 @@ W_C = gamma_C W_0 + sum_s Gam[C, s] u_s k_s^T.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +68,91 @@ def delta_chunk(
     g = kw - v  # per-token MSE gradient at W_0 is g_i k_i^T
     surprise_sq = (torch.bmm(g, g.transpose(1, 2)) * kk).sum((1, 2)) / (n * n)
     return DeltaChunk(outputs=y, weights=w_end, surprise_sq=surprise_sq)
+
+
+@dataclass
+class DeltaPlan:
+    """Everything about M whole chunks that does not depend on the weights, computed for
+    all of them at once; `apply` then walks the chunks in order with four small GEMMs
+    each. Equal to `delta_chunk` chunk by chunk (tests/memory/test_delta_plan.py).
+
+    With T = I + A (the chunk's unit lower-triangular system) solved once per chunk:
+
+        U   = T^-1 (theta V) - T^-1 (theta gamma K) W_0     = u0 - wk @ W_0
+        Y   = gamma Q W_0 + (Gam * Q K^T) U                 = gq @ W_0 + qk @ U
+        W_C = gamma_C W_0 + (Gam[C] K)^T U                  = gamma_c W_0 + kd^T @ U
+        ||K^T (K W_0 - V)||^2 / n^2                         = ||ktk @ W_0 - ktv||^2 / n^2
+    """
+
+    u0: Tensor  # (M, N, n, d_v)
+    wk: Tensor  # (M, N, n, d_k)
+    gq: Tensor  # (M, N, n, d_k) gamma-scaled queries
+    qk: Tensor  # (M, N, n, n)
+    gamma_c: Tensor  # (M, N, 1, 1)
+    kd_t: Tensor  # (M, N, d_k, n)
+    ktk: Tensor  # (M, N, d_k, d_k)
+    ktv: Tensor  # (M, N, d_k, d_v)
+
+    @property
+    def chunks(self) -> int:
+        return self.u0.shape[0]
+
+    def apply(self, i: int, w0: Tensor) -> DeltaChunk:
+        """Chunk i from the weights before it. w0: (N, d_k, d_v)."""
+        y, w_end = self.read_write(i, w0)
+        surprise_sq = self.surprise_sq(i, w0[None])[0]
+        return DeltaChunk(outputs=y, weights=w_end, surprise_sq=surprise_sq)
+
+    def read_write(self, i: int, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """Chunk i's outputs (N, n, d_v) and chunk-end weights (N, d_k, d_v)."""
+        u = self.u0[i] - torch.bmm(self.wk[i], w0)  # (N, n, d_v)
+        y = torch.baddbmm(torch.bmm(self.qk[i], u), self.gq[i], w0)
+        return y, torch.baddbmm(self.gamma_c[i] * w0, self.kd_t[i], u)
+
+    def surprise_sq(self, first: int, w0s: Tensor) -> Tensor:
+        """||mean gradient at W_0||^2 of chunks first.. from their start weights
+        w0s (M', N, d_k, d_v); returns (M', N)."""
+        rows = slice(first, first + w0s.shape[0])
+        n = self.u0.shape[2]
+        residual = torch.matmul(self.ktk[rows], w0s) - self.ktv[rows]
+        return residual.square().sum((-2, -1)) / (n * n)
+
+
+def delta_plan(
+    q: Tensor, k: Tensor, v: Tensor, theta: Tensor, alpha: Tensor, chunk: int
+) -> DeltaPlan:
+    """The plan of M whole chunks of N memories, every chunk reading all its queries:
+    q, k (N, M*chunk, d_k), v (N, M*chunk, d_v), theta, alpha (N, M*chunk)."""
+    big_n, length, d_k = k.shape
+    n, m = chunk, length // chunk
+
+    def chunks(x: Tensor) -> Tensor:  # (N, M*n, ...) -> (M, N, n, ...)
+        return x.reshape(big_n, m, n, *x.shape[2:]).transpose(0, 1).contiguous()
+
+    q, k, v, theta, alpha = (chunks(x) for x in (q, k, v, theta, alpha))
+    cum = torch.log1p(-alpha).cumsum(-1)  # (M, N, n)
+    gamma = torch.exp(cum)
+    # Gam[t, s] = exp(cum_t - cum_s) below the diagonal: a difference of sums of at most
+    # n log-gates, exact enough at float32 for any alpha < 1 (Gam, not 1 - Gam, is used),
+    # and a third of segsum's passes over the (n, n) blocks of every chunk.
+    lower = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
+    gam = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(~lower, -math.inf))
+
+    k_t = k.transpose(-1, -2)  # (M, N, d_k, n)
+    kk = k @ k_t
+    # I + A with A strictly lower: Gam is zero above the diagonal, and a unitriangular
+    # solve never reads the diagonal, so theta * Gam * KK^T stands for I + A as it is.
+    system = theta.unsqueeze(-1) * gam * kk
+    rhs = torch.cat([theta.unsqueeze(-1) * v, (theta * gamma).unsqueeze(-1) * k], dim=-1)
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u0, wk = solved.split([v.shape[-1], d_k], dim=-1)
+    return DeltaPlan(
+        u0=u0,
+        wk=wk,
+        gq=gamma.unsqueeze(-1) * q,
+        qk=(q @ k_t) * gam,
+        gamma_c=gamma[..., -1, None, None],
+        kd_t=k_t * gam[..., -1, :].unsqueeze(-2),
+        ktk=k_t @ k,
+        ktv=k_t @ v,
+    )

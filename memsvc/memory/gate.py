@@ -56,6 +56,22 @@ class WriteGate:
             write_rate_beta=config.write_rate_beta,
         )
 
+    @property
+    def open(self) -> bool:
+        """Every chunk is written as it is: no threshold, no adaptive forgetting."""
+        return self.tau == 0 and not self.adaptive_forgetting
+
+    def advance_open(
+        self, surprise: Tensor, surprise_ema: Tensor, write_rate: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`decide` over M chunks at once for an open gate (every write=True), in closed
+        form: surprise (M, B) -> the EMA and write rate after the M-th chunk."""
+        m = surprise.shape[0]
+        b, r = self.surprise_beta, self.write_rate_beta
+        powers = b ** torch.arange(m - 1, -1, -1, dtype=surprise.dtype, device=surprise.device)
+        ema = b**m * surprise_ema + (1.0 - b) * (powers[:, None] * surprise).sum(0)
+        return ema, r**m * write_rate + (1.0 - r**m)
+
     def decide(self, surprise: Tensor, surprise_ema: Tensor, write_rate: Tensor) -> GateDecision:
         b = self.surprise_beta
         ema = b * surprise_ema + (1.0 - b) * surprise

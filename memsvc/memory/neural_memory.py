@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from memsvc.memory.chunk import chunk_write
 from memsvc.memory.config import MemoryConfig
-from memsvc.memory.delta import delta_chunk
+from memsvc.memory.delta import DeltaPlan, delta_chunk, delta_plan
 from memsvc.memory.gate import WriteGate
 from memsvc.memory.mlp import MLPMemory
 from memsvc.memory.objective import make_objective
@@ -215,13 +215,36 @@ class NeuralMemory(nn.Module):
         total = pend + t
         outputs: list[Tensor] = []
         wrote = False
+        # Delta rule: the chunks made only of new tokens share one weight-free plan.
+        plan_start = c if pend else 0
+        plan_chunks = max(0, (total - plan_start) // c)
+        plan = None
+        if cfg.update_rule == "delta" and plan_chunks:
+            span = slice(plan_start, plan_start + plan_chunks * c)
+            plan = delta_plan(
+                proj.q[:, plan_start - pend : span.stop - pend],
+                keys[:, span],
+                values[:, span],
+                gates[:, span, 0],
+                gates[:, span, 2],
+                c,
+            )
         for start in range(0, total, c):
             end = min(start + c, total)
             first_new = max(start, pend)
             q = proj.q[:, first_new - pend : end - pend]
             complete = end - start == c
             span = slice(start, end)
-            if cfg.update_rule == "delta":
+            if plan is not None and start >= plan_start and complete:
+                if self.gate.open:  # all plan chunks at once, at the first of them
+                    if start == plan_start:
+                        weights = [self._run_open_plan(plan, weights[0], counters, outputs)]
+                        wrote = True
+                    continue
+                step = plan.apply((start - plan_start) // c, weights[0])
+                outputs.append(step.outputs)
+                new_weights, new_momentum, surprise_sq = [step.weights], [], step.surprise_sq
+            elif cfg.update_rule == "delta":
                 step = delta_chunk(
                     weights[0],
                     q,
@@ -274,6 +297,27 @@ class NeuralMemory(nn.Module):
             y = self.out_proj(y.to(self.out_proj.weight.dtype))
         return y.to(x.dtype), new_state
 
+    def _run_open_plan(
+        self, plan: DeltaPlan, w0: Tensor, counters: dict[str, Tensor], outputs: list[Tensor]
+    ) -> Tensor:
+        """Every chunk of `plan` through an open gate: the loop carries only the weights;
+        the surprises and counters follow in one pass (`WriteGate.advance_open`).
+        Returns the weights after the last chunk."""
+        starts, w = [], w0
+        for i in range(plan.chunks):
+            starts.append(w)
+            y, w = plan.read_write(i, w)
+            outputs.append(y)
+        m, h = plan.chunks, self.config.heads
+        surprise = plan.surprise_sq(0, torch.stack(starts)).view(m, -1, h).sum(-1).sqrt()
+        ema, rate = self.gate.advance_open(
+            surprise, counters["surprise_ema"], counters["write_rate"]
+        )
+        counters["chunks"] = counters["chunks"] + m
+        counters["writes_applied"] = counters["writes_applied"] + m
+        counters["surprise_ema"], counters["write_rate"] = ema, rate
+        return w
+
     def _commit(
         self,
         counters: dict[str, Tensor],
@@ -293,7 +337,7 @@ class NeuralMemory(nn.Module):
         counters["writes_skipped"] = counters["writes_skipped"] + (~write).long()
         counters["surprise_ema"] = decision.surprise_ema
         counters["write_rate"] = decision.write_rate
-        if self.gate.tau == 0 and not self.gate.adaptive_forgetting:
+        if self.gate.open:
             return new_weights, new_momentum  # every chunk is written as is
         keep = (1.0 - decision.forget).repeat_interleave(h).view(-1, 1, 1)
         mask = write.repeat_interleave(h).view(-1, 1, 1)
