@@ -7,6 +7,7 @@ server (`memsvc.server`) maps the errors to status codes:
     InvalidRequestError       INVALID_ARGUMENT     (nothing changed)
     QuotaExceededError        RESOURCE_EXHAUSTED   (sessions per tenant, budgets)
     SessionBusyError          ABORTED              (the session is quarantined or moving)
+    CoordinationUnavailableError  UNAVAILABLE      (a SessionBusyError: Redis is unreachable)
     IncompatibleStateError    FAILED_PRECONDITION  (export of another model / format)
     ManagerClosedError        UNAVAILABLE          (shutting down)
 
@@ -25,6 +26,7 @@ from memsvc.store.hot_state import Tier
 __all__ = [
     "AppendResult",
     "CheckpointInfo",
+    "CoordinationUnavailableError",
     "IncompatibleStateError",
     "InvalidRequestError",
     "ManagerClosedError",
@@ -48,6 +50,14 @@ class InvalidRequestError(ValueError):
 
 class SessionBusyError(Exception):
     """The session cannot be served now (quarantined after a failure, or being moved)."""
+
+
+class CoordinationUnavailableError(SessionBusyError):
+    """The lease store (Redis) cannot be reached, so ownership cannot be proven; nothing changed.
+
+    Retry later. It subclasses SessionBusyError so that a server that knows only
+    the older errors still answers ABORTED; UNAVAILABLE says it better.
+    """
 
 
 class IncompatibleStateError(Exception):
@@ -119,3 +129,8 @@ class ManagerStats:
     appends: int
     tokens_appended: int
     checkpoints: int
+    # Added for the ops exporter; all are counters since the manager started.
+    corruptions: int = 0  # damaged checkpoint files or logs found (each also an SQL event)
+    quarantined: int = 0  # sessions that could not be restored and were set aside
+    restore_seconds: float = 0.0  # time spent restoring, summed (restores counts them)
+    eviction_seconds: float = 0.0  # time spent evicting, summed (evictions counts them)

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import safetensors.torch
 import structlog
 import torch
@@ -34,6 +38,21 @@ FORMAT_VERSION = 1
 _KEY_PREFIX = "memsvc."
 _CHECKSUM_ALGORITHM = "sha256"
 _HEADER_LENGTH_BYTES = 8  # safetensors: u64 little-endian length of the JSON header
+# As long as every checksum, so the header keeps its length when the real one replaces it.
+_CHECKSUM_PLACEHOLDER = f"{_CHECKSUM_ALGORITHM}:{'0' * hashlib.sha256().digest_size * 2}"
+PARALLEL_HASH_BYTES = 1 << 20
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class CheckpointError(Exception):
@@ -52,6 +71,10 @@ class CheckpointError(Exception):
 
 class CorruptCheckpointError(CheckpointError):
     """The file is truncated, unparsable, of an unknown format version, or fails its checksum."""
+
+
+class UnsupportedCheckpointVersionError(CorruptCheckpointError):
+    """The file declares a format version this build does not read (a newer or foreign file)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -100,15 +123,71 @@ def _fields(
     }
 
 
+def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A byte view of a contiguous tensor of any dtype (bfloat16 has no numpy twin; 0-d
+    tensors need the reshape)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _checksum(fields: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(fields.items())).encode())
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        # A byte view of any dtype (bfloat16 has no numpy twin); 0-d tensors need the reshape.
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(_raw_bytes(tensor))
     return f"{_CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+
+
+def _metadata_of(fields: Mapping[str, str], checksum: str) -> dict[str, str]:
+    metadata = {_KEY_PREFIX + key: value for key, value in fields.items()}
+    metadata[_KEY_PREFIX + "checksum"] = checksum
+    return metadata
+
+
+def _safetensors_header(cpu: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file whose data follows in ``cpu``'s
+    order (any order the offsets describe is valid), padded to 8 bytes as safetensors pads."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in cpu.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors name here")
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(_HEADER_LENGTH_BYTES, "little") + header
+
+
+def encode_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    model_hash: str,
+    config_hash: str,
+    position: int,
+    wal_offset: int,
+) -> tuple[bytes, CheckpointHeader]:
+    """The bytes of a checkpoint file holding ``tensors`` (moved to CPU), and its header.
+
+    Session exports are these bytes too (``memsvc.sessions.portable``).
+    """
+    cpu = _on_cpu(tensors)
+    fields = _fields(FORMAT_VERSION, model_hash, config_hash, position, wal_offset)
+    checksum = _checksum(fields, cpu)
+    header = CheckpointHeader(
+        FORMAT_VERSION, model_hash, config_hash, position, wal_offset, checksum
+    )
+    return safetensors.torch.save(cpu, metadata=_metadata_of(fields, checksum)), header
 
 
 def write_checkpoint(
@@ -120,15 +199,39 @@ def write_checkpoint(
     position: int,
     wal_offset: int,
 ) -> WrittenCheckpoint:
-    """Writes ``tensors`` (moved to CPU) and the header to ``path`` atomically and durably."""
+    """Writes ``tensors`` (moved to CPU) and the header to ``path`` atomically and durably.
+
+    The file is the one ``encode_checkpoint`` (the safetensors library)
+    describes, and a test holds the two equal; but the tensors go to the file
+    straight from their memory, with no serialised copy, while another thread
+    computes the checksum (hashing releases the GIL). The header goes out with
+    a placeholder of the checksum's length, patched before the fsync. For a
+    large state the copy and the hash each cost about what the write does; a
+    small one (under PARALLEL_HASH_BYTES) is hashed first, as a second thread
+    would cost more than it saves.
+    """
     path = Path(path)
-    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    cpu = _on_cpu(tensors)
     fields = _fields(FORMAT_VERSION, model_hash, config_hash, position, wal_offset)
-    checksum = _checksum(fields, cpu)
-    metadata = {_KEY_PREFIX + key: value for key, value in fields.items()}
-    metadata[_KEY_PREFIX + "checksum"] = checksum
-    data = safetensors.torch.save(cpu, metadata=metadata)
-    size = write_atomically(path, lambda file: file.write(data))
+    head = _safetensors_header(cpu, _metadata_of(fields, _CHECKSUM_PLACEHOLDER))
+    at = head.index(_CHECKSUM_PLACEHOLDER.encode())
+
+    def write(file: BinaryIO, checksum: Callable[[], str]) -> None:
+        file.write(head)
+        for tensor in cpu.values():
+            file.write(_raw_bytes(tensor))
+        file.seek(at)
+        file.write(checksum().encode())
+        file.seek(0, os.SEEK_END)
+
+    if sum(t.numel() * t.element_size() for t in cpu.values()) < PARALLEL_HASH_BYTES:
+        checksum = _checksum(fields, cpu)
+        size = write_atomically(path, lambda file: write(file, lambda: checksum))
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix="memsvc-checksum") as pool:
+            hashing = pool.submit(_checksum, fields, cpu)
+            size = write_atomically(path, lambda file: write(file, hashing.result))
+        checksum = hashing.result()
     header = CheckpointHeader(
         FORMAT_VERSION, model_hash, config_hash, position, wal_offset, checksum
     )
@@ -158,7 +261,7 @@ def _metadata(path: Path, data: bytes) -> dict[str, str]:
 def _header(path: Path, meta: Mapping[str, str]) -> CheckpointHeader:
     version = meta.get("format_version")
     if version != str(FORMAT_VERSION):
-        raise CorruptCheckpointError(
+        raise UnsupportedCheckpointVersionError(
             path, f"format version {version!r}, this build reads version {FORMAT_VERSION}"
         )
     try:
@@ -184,12 +287,20 @@ def read_checkpoint(
     config), OSError (unreadable, e.g. FileNotFoundError).
     """
     path = Path(path)
-    data = path.read_bytes()
-    header = _header(path, _metadata(path, data))
+    return decode_checkpoint(
+        path.read_bytes(), source=path, model_hash=model_hash, config_hash=config_hash
+    )
+
+
+def decode_checkpoint(
+    data: bytes, *, source: Path, model_hash: str | None = None, config_hash: str | None = None
+) -> Checkpoint:
+    """Verifies a checkpoint file's bytes; ``source`` names them in errors (see read_checkpoint)."""
+    header = _header(source, _metadata(source, data))
     try:
         tensors = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own SafetensorError and others
-        raise CorruptCheckpointError(path, f"unreadable tensors ({error})") from error
+        raise CorruptCheckpointError(source, f"unreadable tensors ({error})") from error
     fields = _fields(
         header.format_version,
         header.model_hash,
@@ -198,14 +309,14 @@ def read_checkpoint(
         header.wal_offset,
     )
     if _checksum(fields, tensors) != header.checksum:
-        raise CorruptCheckpointError(path, "checksum mismatch")
+        raise CorruptCheckpointError(source, "checksum mismatch")
     for name, expected, found in (
         ("model hash", model_hash, header.model_hash),
         ("config hash", config_hash, header.config_hash),
     ):
         if expected is not None and expected != found:
-            raise CheckpointMismatchError(path, f"{name} {found!r}, expected {expected!r}")
-    return Checkpoint(path, header, tensors)
+            raise CheckpointMismatchError(source, f"{name} {found!r}, expected {expected!r}")
+    return Checkpoint(source, header, tensors)
 
 
 def newest_valid_checkpoint(

@@ -23,10 +23,16 @@ files to keep consistent; at these tail sizes the copy is simpler to get right.)
 Damage: reading stops at the first record that is incomplete (``TORN``: a
 crash mid-append) or fails its checks (``CORRUPT``); nothing after it is
 trusted. Opening a log for appending cuts it there, so new records follow the
-last good one. Group commit: ``append`` only writes (the bytes reach the page
-cache, so they survive ``kill -9``); ``flush_and_sync`` makes everything
-appended so far durable with one fsync, and ``GroupCommit`` lets concurrent
-appenders share those fsyncs.
+last good one. Opening an undamaged log does not fsync it (on many disks an
+fsync flushes the device cache even when nothing is dirty, milliseconds a
+restore should not pay): records a crashed writer left unsynced were never
+acknowledged, and the next ``flush_and_sync`` makes them durable with the
+new ones, before anything is acknowledged.
+
+Group commit: ``append`` only writes (the bytes reach the page cache, so they
+survive ``kill -9``); ``flush_and_sync`` makes everything appended so far
+durable with one fsync, and ``GroupCommit`` lets concurrent appenders share
+those fsyncs.
 """
 
 from __future__ import annotations
@@ -251,12 +257,12 @@ class WriteAheadLog:
     cut off the end of the file, if anything.
     """
 
-    def __init__(self, path: Path, header: _Header, reader: WalReader) -> None:
+    def __init__(self, path: Path, header: _Header, reader: WalReader, durable: int) -> None:
         self.path = path
         self.recovered_damage = reader.damage
         self._base_offset = header.base_offset
         self._end_offset = reader.end_offset
-        self._durable_offset = reader.end_offset
+        self._durable_offset = durable
         self._next_position = reader.next_position
         self._sync_count = 0
         self._failure: BaseException | None = None
@@ -265,19 +271,23 @@ class WriteAheadLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
     @classmethod
-    def open(cls, path: Path, *, start_position: int = 0) -> WriteAheadLog:
+    def open(cls, path: Path, *, start_position: int = 0, start_offset: int = 0) -> WriteAheadLog:
         """Opens the log at ``path``, creating it (first record at ``start_position``) if missing.
 
-        A damaged tail is cut off (and logged); everything kept is fsynced.
+        A created log's offsets start at ``start_offset``: a log restarted at a
+        checkpoint keeps the offsets that checkpoint and older ones refer to.
+        A damaged tail is cut off (and logged) and the rest fsynced; an
+        undamaged log is not fsynced (module docstring), so ``durable_offset``
+        starts at ``base_offset`` and the first ``flush_and_sync`` fsyncs.
         """
         path = Path(path)
         if not path.exists():
-            header = _Header(base_offset=0, base_position=start_position)
+            header = _Header(base_offset=start_offset, base_position=start_position)
             write_atomically(path, lambda file: file.write(_encode_header(header)))
         reader = WalReader(path)
         for _ in reader:
             pass
-        with open(path, "r+b") as file:
+        with open(path, "rb" if reader.damage is None else "r+b") as file:
             header = _read_header(file, path)
             if reader.damage is not None:
                 keep = HEADER_SIZE + reader.end_offset - header.base_offset
@@ -290,9 +300,10 @@ class WriteAheadLog:
                     dropped_bytes=dropped,
                     kind=reader.damage.kind.value,
                 )
-            file.flush()
-            os.fsync(file.fileno())
-        return cls(path, header, reader)
+                file.flush()
+                os.fsync(file.fileno())
+        durable = reader.end_offset if reader.damage is not None else header.base_offset
+        return cls(path, header, reader, durable)
 
     @property
     def base_offset(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sysconfig
 from pathlib import Path
 
 from alembic import command
@@ -12,14 +13,27 @@ from sqlalchemy.engine import URL
 
 from memsvc.store.database import create_engine_for
 
-# The Alembic environment lives at the repository root (see DESIGN.md, layout).
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The Alembic environment lives at the repository root (see DESIGN.md, layout). A
+# checkout or an editable install finds it there; a wheel installs it as data files
+# under <prefix>/share/memsvc/migrations (pyproject.toml, [tool.setuptools.data-files]).
+SOURCE_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+INSTALLED_MIGRATIONS_DIR = Path(sysconfig.get_path("data")) / "share" / "memsvc" / "migrations"
+
+
+def migrations_dir() -> Path:
+    """The Alembic environment: the checkout's ``migrations/``, else the installed copy."""
+    for candidate in (SOURCE_MIGRATIONS_DIR, INSTALLED_MIGRATIONS_DIR):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no Alembic environment at {SOURCE_MIGRATIONS_DIR} or {INSTALLED_MIGRATIONS_DIR}"
+    )
 
 
 def alembic_config() -> Config:
     """An Alembic configuration for ``migrations/`` that reads no ini file."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     return config
 
 

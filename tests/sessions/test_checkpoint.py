@@ -12,10 +12,13 @@ from structlog.testing import capture_logs
 
 from memsvc.sessions.checkpoint import (
     FORMAT_VERSION,
+    PARALLEL_HASH_BYTES,
     CheckpointDirectory,
     CheckpointError,
     CheckpointMismatchError,
     CorruptCheckpointError,
+    decode_checkpoint,
+    encode_checkpoint,
     newest_valid_checkpoint,
     read_checkpoint,
     write_checkpoint,
@@ -233,3 +236,26 @@ def test_interrupted_writes_leave_the_old_file_and_removable_temporaries(tmp_pat
     assert directory.remove_temporaries() == [leftover]
     assert not leftover.exists()
     assert read_checkpoint(target).header.position == 1
+
+
+@pytest.mark.parametrize("extra_bytes", [0, PARALLEL_HASH_BYTES], ids=["inline", "parallel"])
+def test_the_written_file_equals_the_reference_encoding(tmp_path: Path, extra_bytes: int) -> None:
+    # write_checkpoint writes its own safetensors header, the tensors from their
+    # memory, and patches in a checksum (hashed on another thread for a large
+    # state); encode_checkpoint (the safetensors library) is the reference. The
+    # bytes may differ (header layout, padding); what the library reads may not.
+    for seed in range(3):
+        path = tmp_path / f"ckpt-{seed}"
+        state = _state(seed) | {"large": torch.arange(extra_bytes // 4, dtype=torch.float32)}
+        written = write_checkpoint(
+            path, state, model_hash=MODEL, config_hash=CONFIG, position=seed, wal_offset=seed
+        )
+        expected, header = encode_checkpoint(
+            state, model_hash=MODEL, config_hash=CONFIG, position=seed, wal_offset=seed
+        )
+        assert written.header == header and written.size_bytes == path.stat().st_size
+        found = read_checkpoint(path)
+        reference = decode_checkpoint(expected, source=path)
+        assert found.header == reference.header == header
+        _assert_exact(found.tensors, reference.tensors)
+        _assert_exact(found.tensors, state)

@@ -336,3 +336,21 @@ def test_acknowledged_records_survive_kill_9(tmp_path: Path) -> None:
         ends = [record.end_offset for record in wal.replay()]
         assert ends[: len(acknowledged)] == acknowledged
         assert wal.next_position == 50 * len(ends)
+
+
+def test_opening_an_undamaged_log_does_not_fsync(tmp_path: Path) -> None:
+    path = tmp_path / "s.wal"
+    with WriteAheadLog.open(path) as wal:
+        end = wal.append(0, [1, 2])
+        wal.flush_and_sync()
+    with WriteAheadLog.open(path) as wal:
+        # Nothing proven durable by this opening: the first flush fsyncs, later ones do not.
+        assert (wal.durable_offset, wal.sync_count) == (0, 0)
+        assert wal.flush_and_sync() == end and wal.sync_count == 1
+        assert wal.flush_and_sync() == end and wal.sync_count == 1
+    with open(path, "ab") as file:
+        file.write(b"MWRC")  # a torn record: cut, and the rest fsynced, by the opening
+    with WriteAheadLog.open(path) as wal:
+        assert wal.recovered_damage is not None
+        assert wal.durable_offset == wal.end_offset == end
+        assert wal.flush_and_sync() == end and wal.sync_count == 0

@@ -1,0 +1,252 @@
+"""Sessions' durable storage: write-ahead logs, checkpoint files, their SQL rows and audit events.
+
+Layout under the data directory::
+
+    sessions/<session id>/wal.log                                    the write-ahead log
+    sessions/<session id>/checkpoints/ckpt-<generation>.safetensors  checkpoint generations
+
+Writing a checkpoint: the file is made durable first (``checkpoint.py``:
+temporary, fsync, rename, directory fsync); then, in one SQL transaction, its
+row is recorded with the lease's fence (a node that lost the lease is
+refused) and rows beyond the newest ``keep`` are pruned; after the commit the
+pruned files are deleted and the log is truncated before the OLDEST kept
+generation's WAL offset, so that when the newest file proves damaged, restore
+can still start from an older one and replay a longer tail. Truncation copies
+the log's tail and costs two fsyncs, so it waits until the dead prefix reaches
+``truncate_bytes`` (readers skip a dead prefix, but still scan it). Pruned
+files are deleted off the caller's path (a big unlink can take milliseconds)
+and without a directory fsync: a file whose row is gone is never read, and
+one a crash leaves behind is removed by the next restore (``remove_unrecorded``).
+Rows keep paths relative to the data directory, so the directory can move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy.orm import Session
+
+from memsvc.model import MAGModel, ModelState, model_hash
+from memsvc.sessions.api import CheckpointInfo
+from memsvc.sessions.checkpoint import CheckpointDirectory, WrittenCheckpoint
+from memsvc.sessions.wal import WriteAheadLog
+from memsvc.store import metadata
+from memsvc.store.database import Database
+from memsvc.store.durable_files import fsync_directory
+from memsvc.store.models import CheckpointRow, EventKind, SessionStatus
+
+log = structlog.get_logger(__name__)
+
+SESSIONS_DIR = "sessions"
+WAL_FILE = "wal.log"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class StateIdentity:
+    """What a checkpoint or an export must match to be restored here: the model and its config."""
+
+    model_hash: str
+    config_hash: str
+
+    @classmethod
+    def of(cls, model: MAGModel) -> StateIdentity:
+        config = json.dumps(model.config.to_dict(), sort_keys=True, separators=(",", ":"))
+        return cls(model_hash(model), hashlib.sha256(config.encode()).hexdigest())
+
+
+class SessionStore:
+    """The files and rows of every session under one data directory.
+
+    Callers serialise the work on one session (the manager's per-session lock);
+    different sessions may be written concurrently.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        database: Database,
+        identity: StateIdentity,
+        *,
+        keep: int,
+        truncate_bytes: int,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
+        self.data_dir = Path(data_dir).absolute()
+        self.database = database
+        self.identity = identity
+        self.keep = keep
+        self.truncate_bytes = truncate_bytes
+        self.corruptions = 0  # damaged files found (a counter for the metrics)
+        self._count_lock = threading.Lock()
+        self._deletions = ThreadPoolExecutor(1, thread_name_prefix="memsvc-prune")
+        (self.data_dir / SESSIONS_DIR).mkdir(parents=True, exist_ok=True)
+
+    def directory(self, session_id: str) -> Path:
+        return self.data_dir / SESSIONS_DIR / session_id
+
+    def wal_path(self, session_id: str) -> Path:
+        return self.directory(session_id) / WAL_FILE
+
+    def checkpoint_directory(self, session_id: str) -> CheckpointDirectory:
+        return CheckpointDirectory(self.directory(session_id) / CHECKPOINTS_DIR)
+
+    def absolute(self, stored_path: str) -> Path:
+        """A path as a checkpoint row stores it, made absolute."""
+        return self.data_dir / stored_path
+
+    def create_log(self, session_id: str, *, offset: int, position: int) -> WriteAheadLog:
+        """A new, empty log whose first record will be at ``offset`` and ``position``."""
+        directory = self.directory(session_id)
+        if not directory.is_dir():
+            directory.mkdir(parents=True)
+            fsync_directory(directory.parent)
+        return WriteAheadLog.open(
+            self.wal_path(session_id), start_position=position, start_offset=offset
+        )
+
+    def generations(self, session_id: str) -> list[CheckpointRow]:
+        """The session's recorded checkpoints, newest first."""
+        with self.database.unit_of_work() as db:
+            return metadata.list_checkpoints(db, session_id)
+
+    def write_file(
+        self, session_id: str, generation: int, state: ModelState, *, wal_offset: int
+    ) -> WrittenCheckpoint:
+        """Makes a checkpoint file durable (not yet recorded: see ``record``)."""
+        return self.checkpoint_directory(session_id).write(
+            generation,
+            state.to_dict(),
+            model_hash=self.identity.model_hash,
+            config_hash=self.identity.config_hash,
+            position=int(state.position[0]),
+            wal_offset=wal_offset,
+        )
+
+    def record(
+        self,
+        db: Session,
+        session_id: str,
+        generation: int,
+        written: WrittenCheckpoint,
+        fence: int,
+    ) -> tuple[CheckpointInfo, list[CheckpointRow], int]:
+        """Records a written file in ``db`` and prunes old rows (their files stay: ``checkpoint``).
+
+        Returns the checkpoint, the pruned rows, and the WAL offset of the
+        oldest generation kept. StaleFenceError if another owner recorded since.
+        """
+        metadata.record_checkpoint(
+            db,
+            session_id,
+            generation=generation,
+            path=str(written.path.relative_to(self.data_dir)),
+            position=written.header.position,
+            wal_offset=written.header.wal_offset,
+            checksum=written.header.checksum,
+            size_bytes=written.size_bytes,
+            fence=fence,
+        )
+        pruned = metadata.prune_checkpoints(db, session_id, self.keep)
+        oldest_kept = min(row.wal_offset for row in metadata.list_checkpoints(db, session_id))
+        info = CheckpointInfo(
+            session_id=session_id,
+            generation=generation,
+            position=written.header.position,
+            wal_offset=written.header.wal_offset,
+            path=str(written.path),
+            size_bytes=written.size_bytes,
+            checksum=written.header.checksum,
+        )
+        return info, pruned, oldest_kept
+
+    def checkpoint(
+        self,
+        session_id: str,
+        generation: int,
+        state: ModelState,
+        wal: WriteAheadLog,
+        fence: int,
+    ) -> CheckpointInfo:
+        """Writes, records and prunes a generation, then truncates the log (module docstring).
+
+        The checkpoint claims every record in ``wal``, so they are made durable first
+        (an fsync only if some are not yet).
+        """
+        wal.flush_and_sync()
+        # If recording fails the file stays, unrecorded: restore reads only recorded
+        # generations, and the next write of this generation replaces it.
+        written = self.write_file(session_id, generation, state, wal_offset=wal.end_offset)
+        with self.database.unit_of_work() as db:
+            info, pruned, oldest_kept = self.record(db, session_id, generation, written, fence)
+        for row in pruned:
+            try:
+                self._deletions.submit(self._delete, self.absolute(row.path))
+            except RuntimeError:  # closed: a checkpoint that was in flight at shutdown
+                self._delete(self.absolute(row.path))
+        if oldest_kept - wal.base_offset >= self.truncate_bytes:
+            wal.truncate_before(oldest_kept)
+        return info
+
+    @staticmethod
+    def _delete(path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("checkpoint_delete_failed", path=str(path), error=repr(error))
+
+    def remove_unrecorded(self, session_id: str, rows: list[CheckpointRow]) -> None:
+        """Deletes the session's checkpoint files without a row, and temporaries of cut writes.
+
+        Call it only while no checkpoint of the session is being written (a restore).
+        """
+        directory = self.checkpoint_directory(session_id)
+        directory.remove_temporaries()
+        recorded = {row.generation for row in rows}
+        for generation in directory.generations():
+            if generation not in recorded:
+                directory.path_for(generation).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Waits for pending deletions."""
+        self._deletions.shutdown()
+
+    def record_corruption(self, tenant_id: str, session_id: str, **payload: Any) -> None:
+        """Logs a damaged file at error level and records a CORRUPTION event."""
+        log.error("session_corruption", tenant=tenant_id, session=session_id, **payload)
+        with self._count_lock:
+            self.corruptions += 1
+        with self.database.unit_of_work() as db:
+            metadata.record_event(
+                db, tenant_id, EventKind.CORRUPTION, payload, session_id=session_id
+            )
+
+    def quarantine(self, tenant_id: str, session_id: str, reason: str) -> None:
+        """Marks the session QUARANTINED (it will not be served) and records why."""
+        log.error("session_quarantined", tenant=tenant_id, session=session_id, reason=reason)
+        with self.database.unit_of_work() as db:
+            row = metadata.get_session(db, tenant_id, session_id)
+            row.status = SessionStatus.QUARANTINED
+            metadata.record_event(
+                db,
+                tenant_id,
+                EventKind.CORRUPTION,
+                {"action": "quarantined", "reason": reason},
+                session_id=session_id,
+            )
+
+    def remove(self, session_id: str) -> None:
+        """Deletes the session's log and checkpoint files."""
+        directory = self.directory(session_id)
+        if directory.exists():
+            shutil.rmtree(directory)
+            fsync_directory(directory.parent)

@@ -1,0 +1,39 @@
+"""What the session-manager tests share: reading a session's state back, and its reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from memsvc.engine import StreamingEngine
+from memsvc.model import ModelState
+from memsvc.sessions.checkpoint import decode_checkpoint
+from memsvc.sessions.manager import SessionManager
+from tests.state_asserts import assert_states_equal
+
+
+def state_of(manager: SessionManager, tenant_id: str, session_id: str) -> ModelState:
+    """The session's state, through the public export (so it is restored if it was evicted)."""
+    data = b"".join(manager.export(tenant_id, session_id, chunk_bytes=4096))
+    return ModelState.from_dict(decode_checkpoint(data, source=Path("export")).tensors)
+
+
+def reference(engine: StreamingEngine, tokens: Sequence[int]) -> ModelState:
+    """An uninterrupted run: one append of the whole stream to a fresh state."""
+    state = engine.init_state()
+    if tokens:
+        state, _ = engine.append(state, list(tokens))
+    return state
+
+
+def assert_matches_reference(
+    manager: SessionManager, engine: StreamingEngine, tenant_id: str, session_id: str, tokens
+) -> None:
+    """The session's state equals the reference over ``tokens`` (float64: to 1e-9)."""
+    assert_states_equal(
+        state_of(manager, tenant_id, session_id), reference(engine, tokens), rtol=1e-9, atol=1e-9
+    )
+
+
+def flat(batches: Sequence[Sequence[int]]) -> list[int]:
+    return [token for batch in batches for token in batch]
