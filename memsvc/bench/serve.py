@@ -1,0 +1,269 @@
+"""`memsvc bench serve`: streaming through gRPC beside the in-process engine, same run.
+
+For each concurrency N (1, 8, 32, 128 sessions by default) every session
+streams the same tokens in fixed-size appends (64 tokens by default: one
+memory chunk, as an agent streams turn by turn), through two paths, one
+after the other on the same model and threads:
+
+    engine   StreamingEngine.step_batch over N states, in this process: no
+             network, no durability. The ceiling.
+    grpc     the service: async SDK -> gRPC (loopback) -> scheduler ->
+             SessionManager (WAL fsync before each ack) -> engine, in a
+             `memsvc serve` child process; one stream per session with
+             `window` appends in flight.
+
+Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine:
+one batched step; grpc: from sending an append to its acknowledgement), and
+the goals of DESIGN.md section 8: 1 session through gRPC >= 80% of in-process,
+32 sessions >= 4x the aggregate of 1. Batching can only gain where one
+session leaves the cores idle: with large appends a single stream already
+fills them, and the engine's own N-session row is the ceiling. The client
+runs on the same cores as the server, and so does anything else on the
+machine: see cpu_count and load_average in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from memsvc.client.aio import AsyncMemoryClient, AsyncSession
+from memsvc.engine import StreamingEngine
+from memsvc.model.io import load_model, model_hash
+from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.runtime import tune_allocator
+from memsvc.server.backends import open_database
+from memsvc.server.process import ServerProcess
+from memsvc.store import metadata
+
+SINGLE_SESSION_GOAL = 0.8  # grpc / engine, one session
+BATCHING_GOAL = 4.0  # aggregate at 32 sessions / aggregate at 1, through grpc
+
+
+@dataclass(frozen=True)
+class Run:
+    """One path at one concurrency."""
+
+    sessions: int
+    tokens: int  # over all sessions
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def add_serve_bench_parser(benches: argparse._SubParsersAction) -> None:
+    serve = benches.add_parser(
+        "serve",
+        help="gRPC streaming throughput and ack latency vs the in-process engine (same run)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    serve.add_argument(
+        "--sessions", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8, 32, 128]
+    )
+    serve.add_argument("--tokens-per-session", type=int, default=2048)
+    serve.add_argument(
+        "--append-tokens", type=int, default=64, help="tokens per append (64: a memory chunk)"
+    )
+    serve.add_argument("--window", type=int, default=2, help="appends in flight per stream")
+    serve.add_argument("--threads", type=int, default=2, help="torch threads (both paths)")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    serve.set_defaults(func=run_serve_benchmark)
+
+
+def run_serve_benchmark(args: argparse.Namespace) -> int:
+    if args.tokens_per_session % args.append_tokens:
+        raise SystemExit("--tokens-per-session must be a multiple of --append-tokens")
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as tmp:
+        engine_runs, grpc_runs = asyncio.run(_runs(args, Path(tmp)))
+    report = _report(args, engine_runs, grpc_runs, (load_before, os.getloadavg()[0]))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[Run]]:
+    """Both paths at each concurrency, one right after the other, so that a change in
+    what else the machine runs hits both alike (the idle server costs nothing)."""
+    appends = args.tokens_per_session // args.append_tokens
+    seed = torch.Generator().manual_seed(0)
+    piece = torch.randint(32, 127, (args.append_tokens,), generator=seed)
+    engine = StreamingEngine(load_model(args.model))
+    server, api_key = _server(args, tmp)
+    engine_runs, grpc_runs = [], []
+    with server:
+        await asyncio.to_thread(server.start)
+        async with AsyncMemoryClient(server.address, api_key, timeout=None) as client:
+            await asyncio.to_thread(_engine_run, engine, 1, 2, piece)  # warm-up: one-off costs
+            await _grpc_run(client, 1, 2, piece.tolist(), args.window)
+            for sessions in args.sessions:
+                engine_runs.append(
+                    await asyncio.to_thread(_engine_run, engine, sessions, appends, piece)
+                )
+                grpc_runs.append(
+                    await _grpc_run(client, sessions, appends, piece.tolist(), args.window)
+                )
+        await asyncio.to_thread(server.stop)
+    return engine_runs, grpc_runs
+
+
+def _server(args: argparse.Namespace, tmp: Path) -> tuple[ServerProcess, str]:
+    """`memsvc serve` on embedded defaults in tmp, and the key of a tenant without limits."""
+    data_dir = tmp / "data"
+    database = open_database(data_dir, None)
+    with database.unit_of_work() as db:
+        _, api_key = metadata.create_tenant(
+            db, "bench", max_sessions=1 << 30, tokens_per_minute=1 << 50
+        )
+    database.dispose()
+    server_args = ["--model", str(args.model), "--data-dir", str(data_dir)]
+    server_args += ["--threads", str(args.threads)]
+    return ServerProcess(server_args, tmp / "server.log", log_level="warning"), api_key
+
+
+def _engine_run(engine: StreamingEngine, sessions: int, appends: int, piece: torch.Tensor) -> Run:
+    states = [engine.init_state() for _ in range(sessions)]
+    steps = []
+    started = time.perf_counter()
+    for _ in range(appends):
+        step_started = time.perf_counter()
+        states = [state for state, _ in engine.step_batch(states, [piece] * sessions)]
+        steps.append(time.perf_counter() - step_started)
+    seconds = time.perf_counter() - started
+    return _run(sessions, sessions * appends * len(piece), seconds, steps)
+
+
+async def _grpc_run(
+    client: AsyncMemoryClient, sessions: int, appends: int, tokens: list[int], window: int
+) -> Run:
+    created = [await client.create_session(f"bench-{sessions}-{i}") for i in range(sessions)]
+    latencies: list[float] = []
+
+    async def stream(session: AsyncSession) -> None:
+        sent: deque[float] = deque()
+
+        def pieces() -> Iterator[list[int]]:
+            for _ in range(appends):
+                sent.append(time.perf_counter())  # pulled by the SDK when it sends
+                yield tokens
+
+        async for _ in session.append_stream(pieces(), window=window):
+            latencies.append(time.perf_counter() - sent.popleft())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(stream(session) for session in created))
+    seconds = time.perf_counter() - started
+    for session in created:
+        await session.delete()
+    return _run(sessions, sessions * appends * len(tokens), seconds, latencies)
+
+
+def _run(sessions: int, tokens: int, seconds: float, latencies: list[float]) -> Run:
+    cuts = (
+        statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else None
+    )
+    p50, p99 = (cuts[49], cuts[98]) if cuts else (latencies[0], latencies[0])
+    return Run(sessions, tokens, seconds, p50 * 1e3, p99 * 1e3)
+
+
+def _report(
+    args: argparse.Namespace,
+    engine_runs: list[Run],
+    grpc_runs: list[Run],
+    load_average: tuple[float, float],
+) -> dict:
+    rows = [
+        {
+            "sessions": e.sessions,
+            "engine": {**asdict(e), "tok_per_s": e.tok_per_s},
+            "grpc": {**asdict(g), "tok_per_s": g.tok_per_s},
+            "grpc_vs_engine": g.tok_per_s / e.tok_per_s,
+        }
+        for e, g in zip(engine_runs, grpc_runs, strict=True)
+    ]
+    by_sessions = {g.sessions: g for g in grpc_runs}
+    goals = {}
+    if 1 in by_sessions:
+        goals["single_session_grpc_vs_engine"] = {
+            "value": next(r["grpc_vs_engine"] for r in rows if r["sessions"] == 1),
+            "goal": SINGLE_SESSION_GOAL,
+        }
+        if 32 in by_sessions:
+            goals["grpc_32_vs_1_sessions"] = {
+                "value": by_sessions[32].tok_per_s / by_sessions[1].tok_per_s,
+                "goal": BATCHING_GOAL,
+            }
+    for goal in goals.values():
+        goal["met"] = goal["value"] >= goal["goal"]
+    return {
+        "model": str(args.model),
+        "model_hash": model_hash(args.model),
+        "tokens_per_session": args.tokens_per_session,
+        "append_tokens": args.append_tokens,
+        "window": args.window,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        # Runnable processes (1-minute load average) before and after: well above cpu_count
+        # means the run shared its cores and its numbers are pessimistic.
+        "load_average": load_average,
+        "torch": torch.__version__,
+        "rows": rows,
+        "goals": goals,
+    }
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"streaming through gRPC vs in process ({report['append_tokens']} tokens per "
+        f"append, {report['tokens_per_session']:,} per session, {report['threads']} threads)"
+    )
+    for column in (
+        "sessions",
+        "engine tok/s",
+        "grpc tok/s",
+        "grpc / engine",
+        "engine step p50 / p99 ms",
+        "grpc ack p50 / p99 ms",
+    ):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        e, g = row["engine"], row["grpc"]
+        table.add_row(
+            str(row["sessions"]),
+            f"{e['tok_per_s']:,.0f}",
+            f"{g['tok_per_s']:,.0f}",
+            f"{row['grpc_vs_engine']:.0%}",
+            f"{e['p50_ms']:,.1f} / {e['p99_ms']:,.1f}",
+            f"{g['p50_ms']:,.1f} / {g['p99_ms']:,.1f}",
+        )
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    before, after = report["load_average"]
+    console.print(f"load average {before:.1f} -> {after:.1f} on {report['cpu_count']} cores")
+    for name, goal in report["goals"].items():
+        verdict = "[green]met[/]" if goal["met"] else "[red]not met[/]"
+        console.print(f"{name}: {goal['value']:.2f} (goal >= {goal['goal']}): {verdict}")

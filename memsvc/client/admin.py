@@ -1,0 +1,62 @@
+"""`AdminClient`: the operator's calls (AdminService), made with the server's admin key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from memsvc.client.connection import Connection
+from memsvc.client.retry import RetryPolicy
+from memsvc.client.sync import call_unary
+from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+_TIERS = {"host": pb.TIER_HOST, "disk": pb.TIER_DISK}
+
+
+class AdminClient:
+    """What one server node holds: resident sessions, eviction, counters."""
+
+    def __init__(
+        self,
+        address: str,
+        admin_key: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = 60.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.connection = Connection(address, admin_key, tls, root_certificates)
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = self.connection.channel()
+        self.stub = pb_grpc.AdminServiceStub(self._channel)
+
+    def resident(self) -> list[pb.ResidentSession]:
+        """Sessions resident on the node, least recently used first."""
+        response = self._call(self.stub.ListResident, pb.ListResidentRequest(), idempotent=True)
+        return list(response.sessions)
+
+    def evict(self, session_id: str, tier: str = "disk") -> None:
+        """Moves a resident session's state to `tier` ("disk" or "host") now."""
+        request = pb.EvictSessionRequest(session_id=session_id, tier=_TIERS[tier])
+        self._call(self.stub.EvictSession, request, idempotent=True)
+
+    def stats(self) -> pb.Stats:
+        return self._call(self.stub.GetStats, pb.GetStatsRequest(), idempotent=True)
+
+    def _call(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
+        retry = self.retry if idempotent else None
+        return call_unary(method, request, self.connection.metadata, self.timeout, retry)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

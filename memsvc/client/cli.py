@@ -1,0 +1,138 @@
+"""`memsvc sessions ...`: a tenant's sessions on a running server, through the SDK.
+
+memsvc sessions list
+memsvc sessions show SESSION
+memsvc sessions checkpoint SESSION
+memsvc sessions evict SESSION [--tier disk]      # needs the admin key
+memsvc sessions delete SESSION
+
+The server is --address ($MEMSVC_ADDRESS); the tenant's key comes from
+$MEMSVC_API_KEY and the admin key from $MEMSVC_ADMIN_KEY (never flags, so
+they stay out of `ps` and shell history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from memsvc.client.admin import AdminClient
+from memsvc.client.errors import MemsvcError
+from memsvc.client.sync import MemoryClient
+from memsvc.proto.v1 import memsvc_pb2 as pb
+
+
+def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
+    sessions = commands.add_parser(
+        "sessions",
+        help="list, show, checkpoint, evict or delete sessions on a server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = sessions.add_subparsers(dest="sessions", required=True)
+    for name, run, help_text in (
+        ("list", _list, "the tenant's sessions"),
+        ("show", _show, "one session"),
+        ("checkpoint", _checkpoint, "make a session's state durable now"),
+        ("evict", _evict, "move a resident session out of memory (admin key)"),
+        ("delete", _delete, "delete a session"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        if name != "list":
+            action.add_argument("session_id")
+        if name == "evict":
+            action.add_argument("--tier", choices=("disk", "host"), default="disk")
+        action.add_argument(
+            "--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051")
+        )
+        action.add_argument("--tls", action="store_true", help="connect with TLS")
+        action.add_argument("--ca-cert", type=Path, help="PEM roots for a private CA (implies TLS)")
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.set_defaults(func=_guarded(run))
+
+
+class _MissingKeyError(Exception):
+    """The environment variable holding a key is not set."""
+
+
+def _guarded(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        try:
+            run(args)
+        except (MemsvcError, _MissingKeyError) as error:
+            print(f"memsvc sessions {args.sessions}: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    return command
+
+
+def _key(name: str) -> str:
+    key = os.environ.get(name)
+    if not key:
+        raise _MissingKeyError(f"set {name} to the key")
+    return key
+
+
+def _client(args: argparse.Namespace) -> MemoryClient:
+    roots = args.ca_cert.read_bytes() if args.ca_cert else None
+    return MemoryClient(args.address, _key("MEMSVC_API_KEY"), tls=args.tls, root_certificates=roots)
+
+
+def _print(message: Message) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _list(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        sessions = client.list_sessions()
+    if args.json:
+        _print(pb.ListSessionsResponse(sessions=sessions))
+        return
+    table = Table(title=f"{len(sessions)} sessions")
+    for column in ("session", "name", "position", "durable", "tier", "created"):
+        table.add_column(column, no_wrap=True)
+    for s in sessions:
+        table.add_row(
+            s.session_id,
+            s.name,
+            f"{s.position:,}",
+            f"{s.durable_position:,}",
+            pb.Tier.Name(s.tier).removeprefix("TIER_").lower(),
+            s.created_at.ToDatetime().isoformat(timespec="seconds"),
+        )
+    Console(width=max(Console().width, 140)).print(table)  # ids are 36 characters
+
+
+def _show(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        _print(client.open_session(args.session_id).info)
+
+
+def _checkpoint(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        _print(client.open_session(args.session_id).checkpoint())
+
+
+def _evict(args: argparse.Namespace) -> None:
+    roots = args.ca_cert.read_bytes() if args.ca_cert else None
+    with AdminClient(
+        args.address, _key("MEMSVC_ADMIN_KEY"), tls=args.tls, root_certificates=roots
+    ) as admin:
+        admin.evict(args.session_id, args.tier)
+    print(f"evicted {args.session_id} to {args.tier}")
+
+
+def _delete(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        client.open_session(args.session_id).delete()
+    print(f"deleted {args.session_id}")

@@ -1,0 +1,140 @@
+"""`MemoryServer`: the grpc.aio server over one SessionManager, and its graceful stop.
+
+Stopping (SIGTERM): health turns NOT_SERVING, idle streams are ended
+(UNAVAILABLE), no new calls are accepted, in-flight calls get the grace period
+to finish, the scheduler finishes the chunks it holds, and the manager
+checkpoints every resident session as it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
+from memsvc.server.admin import AdminServicer
+from memsvc.server.auth import Authenticator
+from memsvc.server.limits import Limits
+from memsvc.server.scheduler import Scheduler
+from memsvc.server.servicer import MemoryServicer
+from memsvc.store.database import Database
+
+if TYPE_CHECKING:
+    from memsvc.sessions.manager import SessionManager
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = tuple(service.full_name for service in pb.DESCRIPTOR.services_by_name.values())
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and what it allows."""
+
+    address: str = "0.0.0.0:50051"
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS
+    tls_key: Path | None = None
+    admin_key: str | None = None  # None: AdminService refuses every call
+    max_message_bytes: int = 4 << 20
+    max_tokens_per_request: int = 1 << 20
+    shutdown_grace_s: float = 10.0
+    auth_cache_ttl_s: float = 30.0
+    # Pings keep long idle streams alive through proxies and find dead peers.
+    keepalive_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        keepalive_ms = int(self.keepalive_s * 1000)
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients (the SDK pings every 30 s) may ping this often without being cut off.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+
+
+class MemoryServer:
+    """Serves `manager` over gRPC; the tenants' keys are checked against `database`."""
+
+    def __init__(
+        self, manager: SessionManager, database: Database, config: ServerConfig, vocab_size: int
+    ) -> None:
+        self.config = config
+        self._manager = manager
+        self._auth = Authenticator(database, config.admin_key, config.auth_cache_ttl_s)
+        self._limits = Limits(vocab_size, config.max_message_bytes, config.max_tokens_per_request)
+        self._health = health.aio.HealthServicer()
+        self._stopping = asyncio.Event()
+        self.scheduler: Scheduler | None = None  # runs the model work; set by start()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the port (useful with port 0)."""
+        self.scheduler = Scheduler(self._manager)
+        self.scheduler.start()
+        server = grpc.aio.server(options=self.config.grpc_options())
+        pb_grpc.add_MemoryServiceServicer_to_server(
+            MemoryServicer(self._manager, self.scheduler, self._auth, self._limits, self._stopping),
+            server,
+        )
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self._manager, self._auth), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+            )
+            self.port = server.add_secure_port(self.config.address, credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.address)
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "server_started",
+            address=self.config.address,
+            port=self.port,
+            tls=self.config.tls_cert is not None,
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        """The graceful stop of the module docstring; returns once state is durable."""
+        assert self._server is not None and self.scheduler is not None
+        log.info("server_stopping", grace_s=self.config.shutdown_grace_s)
+        await self._health.enter_graceful_shutdown()
+        self._stopping.set()
+        await self._server.stop(self.config.shutdown_grace_s)
+        await self.scheduler.close()
+        await asyncio.to_thread(self._manager.close)
+        log.info("server_stopped")
+
+    async def serve_until_signalled(self) -> None:
+        """Starts, serves until SIGTERM or SIGINT, then stops gracefully."""
+        await self.start()
+        signalled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signalled.set)
+        await signalled.wait()
+        await self.stop()

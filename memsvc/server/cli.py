@@ -1,0 +1,158 @@
+"""`memsvc serve` and `memsvc tenants create`: the operator's side of the service.
+
+memsvc serve                                    # embedded: ./data, SQLite, reference model
+memsvc serve --database-url postgresql+psycopg://... --redis-url redis://...
+memsvc tenants create acme                      # prints the tenant's API key, once
+
+Flags fall back on DATABASE_URL, REDIS_URL and MEMSVC_DATA_DIR; the admin key
+(AdminService) is read from MEMSVC_ADMIN_KEY only, so it never shows in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from memsvc.model.reference import REFERENCE_MODEL_DIR
+
+DEFAULT_DATA_DIR = "data"
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    """--data-dir and --database-url, shared by every command that opens the metadata store."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("MEMSVC_DATA_DIR", DEFAULT_DATA_DIR)),
+        help="checkpoints, logs and the embedded database ($MEMSVC_DATA_DIR, ./data)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="PostgreSQL instead of the embedded SQLite ($DATABASE_URL)",
+    )
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--address", default="0.0.0.0:50051", help="host:port to listen on")
+    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    add_store_flags(serve)
+    serve.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="shared hot state ($REDIS_URL)"
+    )
+    serve.add_argument("--redis-namespace", default="memsvc", help="prefix of the Redis keys")
+    serve.add_argument("--node-id", default=socket.gethostname(), help="this replica's name")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS with --tls-key)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key")
+    serve.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    serve.add_argument("--max-tokens-per-request", type=int, default=1 << 20)
+    serve.add_argument("--device-budget-mb", type=int, default=2048, help="resident state bytes")
+    serve.add_argument("--checkpoint-every-tokens", type=int, default=65536)
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds (SIGTERM)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    serve.set_defaults(func=run_serve)
+
+
+def add_tenants_parser(commands: argparse._SubParsersAction) -> None:
+    tenants = commands.add_parser("tenants", help="tenants and their API keys")
+    actions = tenants.add_subparsers(dest="tenants", required=True)
+    create = actions.add_parser("create", help="create a tenant; prints its API key once")
+    create.add_argument("name")
+    create.add_argument("--max-sessions", type=int, default=100)
+    create.add_argument("--tokens-per-minute", type=int, default=1_000_000)
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    add_store_flags(create)
+    create.set_defaults(func=run_tenants_create)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from memsvc.runtime import tune_allocator
+    from memsvc.server.app import MemoryServer, ServerConfig
+    from memsvc.server.backends import SetupError, load_engine, open_database, open_tracker
+    from memsvc.sessions.manager import ManagerConfig, SessionManager
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_allocator()
+    try:
+        for path in (args.tls_cert, args.tls_key):
+            if path is not None and not path.is_file():
+                raise SetupError(f"no such file: {path}")
+        config = ServerConfig(
+            address=args.address,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            admin_key=os.environ.get("MEMSVC_ADMIN_KEY") or None,
+            max_message_bytes=args.max_message_bytes,
+            max_tokens_per_request=args.max_tokens_per_request,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+        engine = load_engine(args.model, args.device)
+        database = open_database(args.data_dir, args.database_url)
+        tracker = open_tracker(args.redis_url, args.redis_namespace)
+    except (SetupError, ValueError) as error:
+        print(f"memsvc serve: {error}", file=sys.stderr)
+        return 2
+    manager = SessionManager(
+        ManagerConfig(
+            data_dir=args.data_dir,
+            node_id=args.node_id,
+            device_budget_bytes=args.device_budget_mb << 20,
+            checkpoint_every_tokens=args.checkpoint_every_tokens,
+            max_tokens_per_append=args.max_tokens_per_request,
+        ),
+        engine=engine,
+        database=database,
+        tracker=tracker,
+    )
+    server = MemoryServer(manager, database, config, engine.model.config.vocab_size)
+    try:
+        asyncio.run(server.serve_until_signalled())
+    finally:
+        database.dispose()
+    return 0
+
+
+def run_tenants_create(args: argparse.Namespace) -> int:
+    from memsvc.server.backends import SetupError, open_database
+    from memsvc.store import metadata
+    from memsvc.store.errors import AlreadyExistsError
+
+    try:
+        database = open_database(args.data_dir, args.database_url)
+    except SetupError as error:
+        print(f"memsvc tenants create: {error}", file=sys.stderr)
+        return 2
+    try:
+        with database.unit_of_work() as db:
+            tenant, api_key = metadata.create_tenant(
+                db,
+                args.name,
+                max_sessions=args.max_sessions,
+                tokens_per_minute=args.tokens_per_minute,
+            )
+    except (AlreadyExistsError, ValueError) as error:
+        print(f"memsvc tenants create: {error}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    if args.json:
+        print(json.dumps({"tenant_id": tenant.id, "name": tenant.name, "api_key": api_key}))
+    else:
+        print(f"tenant {tenant.name} ({tenant.id})")
+        print(f"API key (shown once, store it): {api_key}")
+    return 0

@@ -1,0 +1,27 @@
+"""`memsvc bench serve` on the tiny model: both paths measured, in one JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memsvc.cli import main
+
+
+def test_bench_serve_reports_both_paths(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "serve", "--model", str(model_dir), "--sessions", "1,3"]
+    argv += ["--tokens-per-session", "256", "--append-tokens", "128", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["sessions"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        for path in ("engine", "grpc"):
+            assert row[path]["tokens"] == row["sessions"] * 256
+            assert row[path]["tok_per_s"] > 0
+            assert 0 < row[path]["p50_ms"] <= row[path]["p99_ms"]
+    assert report["goals"]["single_session_grpc_vs_engine"]["goal"] == 0.8
+    assert "grpc_32_vs_1_sessions" not in report["goals"]  # 32 sessions were not run
