@@ -7,7 +7,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from memsvc.bench.serve import add_serve_bench_parser
+from memsvc.bench.swap import add_swap_bench_parser
+from memsvc.client.cli import add_sessions_parser
+from memsvc.client.demo import add_demo_parser
 from memsvc.eval.cli import add_niah_parser
+from memsvc.obs.top import add_top_parser
+from memsvc.server.cli import add_serve_parser, add_tenants_parser
+from memsvc.store.cli import add_db_parser
 
 
 def _bench_lmm(args: argparse.Namespace) -> int:
@@ -31,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a MAG model (see `memsvc train --help`)")
+    add_serve_parser(commands)
+    add_demo_parser(commands)
+    add_tenants_parser(commands)
+    add_sessions_parser(commands)
+    add_top_parser(commands)
+    add_db_parser(commands)
 
     evaluate = commands.add_parser("eval", help="evaluations of a trained model")
     evals = evaluate.add_subparsers(dest="eval", required=True)
@@ -55,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="our inner optimiser (chunk_momentum is titans-pytorch's recurrence)",
     )
     lmm.set_defaults(func=_bench_lmm)
+    add_serve_bench_parser(benches)
+    add_swap_bench_parser(benches)
     return parser
 
 

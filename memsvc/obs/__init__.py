@@ -1,1 +1,2 @@
-"""Observability: structured logging set-up, metrics, alerts."""
+"""Observability: structured logging, Prometheus metrics, per-session guards and their
+mitigations, the recall canary, `memsvc top`."""

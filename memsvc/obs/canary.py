@@ -1,0 +1,172 @@
+"""The recall canary: a synthetic session that is told known facts and asked them back.
+
+Each round appends `facts` new sentences in the phrasing the model was trained
+on ("The magic number for lantern is 4821937. ", `memsvc.train.tasks.needle_parts`;
+the words recur across rounds with new numbers, so the memory must overwrite),
+each after `gap_tokens` of held-out filler and with filler after the last one,
+so the answers lie beyond the attention window and must come from the
+memory. Then every fact is asked ("QUERY What is the magic number for
+lantern? The magic number for lantern is ") and answered greedily with exactly
+as many tokens as the answer has; recall@k is the fraction answered byte for
+byte.
+
+The canary keeps one session across rounds: a first round measures a fresh
+memory, later ones a memory that has been written for hours, which is where
+saturation shows (the session's guard takes the recall, `SessionGuard.observe_recall`).
+A round that raises forgets its session, so the next round starts a new one.
+
+The canary talks to the service through three callables, so the same code runs
+in process (the session manager) and against a server (the SDK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from memsvc.model.tokenizer import QUERY_ID, encode
+from memsvc.obs.metrics import ServiceMetrics
+from memsvc.train.haystack import VOCABULARIES, haystack_units
+from memsvc.train.tasks import needle_parts
+
+log = structlog.get_logger(__name__)
+
+CreateSession = Callable[[], str]
+AppendTokens = Callable[[str, Sequence[int]], None]
+# (session id, prompt tokens, max new tokens) -> the tokens generated greedily,
+# from a copy of the memory (the session is unchanged).
+QueryTokens = Callable[[str, Sequence[int], int], Sequence[int]]
+
+_MAX_DRAWS = 1000  # draws of fact words before giving up on finding distinct ones
+
+
+@dataclass(frozen=True)
+class Fact:
+    statement: str  # appended to the session
+    question: str  # asked after QUERY
+    answer: str  # the exact continuation
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    round: int  # 0 for the first round of the process
+    session_id: str
+    correct: int
+    total: int
+    seconds: float
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.total
+
+
+def canary_facts(count: int, rng: random.Random) -> list[Fact]:
+    """`count` magic-number facts about distinct words of the training vocabulary (two
+    values for one word would make one of them unanswerable)."""
+    facts: dict[str, Fact] = {}
+    for _ in range(_MAX_DRAWS):
+        if len(facts) == count:
+            return list(facts.values())
+        statement, question, answer, _digits = needle_parts("number", rng, "train")
+        facts.setdefault(question, Fact(statement, question, answer))
+    raise ValueError(f"cannot draw {count} facts about distinct words")
+
+
+class RecallCanary:
+    """Writes known facts into a session and measures recall@k; one `measure` is a round."""
+
+    def __init__(
+        self,
+        create: CreateSession,
+        append: AppendTokens,
+        query: QueryTokens,
+        *,
+        facts: int = 8,
+        gap_tokens: int = 512,
+        seed: int = 0,
+    ) -> None:
+        if facts < 1:
+            raise ValueError(f"facts must be >= 1, got {facts}")
+        if gap_tokens < 0:
+            raise ValueError(f"gap_tokens must be >= 0, got {gap_tokens}")
+        self._create, self._append, self._query = create, append, query
+        self.facts = facts
+        self.gap_tokens = gap_tokens
+        self.seed = seed
+        self.session_id: str | None = None
+        self.rounds = 0
+
+    def measure(self) -> CanaryResult:
+        """One round: append new facts with filler, ask each, count exact answers."""
+        began = time.perf_counter()
+        rng = random.Random(f"canary-{self.seed}-{self.rounds}")
+        facts = canary_facts(self.facts, rng)
+        try:
+            fresh = self.session_id is None
+            if fresh:
+                self.session_id = self._create()
+            session_id = self.session_id
+            self._append(session_id, self._context(facts, rng, bos=fresh))
+            correct = sum(self._recalls(session_id, fact) for fact in facts)
+        except BaseException:
+            self.session_id = None  # its state is unknown now: start over next round
+            raise
+        result = CanaryResult(
+            self.rounds, session_id, correct, len(facts), time.perf_counter() - began
+        )
+        self.rounds += 1
+        return result
+
+    def _context(self, facts: Sequence[Fact], rng: random.Random, bos: bool) -> list[int]:
+        """filler fact filler fact ... filler; BOS first in a fresh session, as in training.
+        The filler's held-out vocabulary shares no word with the facts."""
+        parts = [self._filler(rng) + fact.statement for fact in facts]
+        return encode("".join(parts) + self._filler(rng), bos=bos)
+
+    def _filler(self, rng: random.Random) -> str:
+        return "".join(haystack_units(rng, "sentences", VOCABULARIES["heldout"], self.gap_tokens))
+
+    def _recalls(self, session_id: str, fact: Fact) -> bool:
+        answer = encode(fact.answer)
+        output = self._query(session_id, [QUERY_ID, *encode(fact.question)], len(answer))
+        return list(output) == answer
+
+
+async def run_canary(
+    canary: RecallCanary,
+    interval_s: float,
+    metrics: ServiceMetrics,
+    on_result: Callable[[CanaryResult], None] | None = None,
+) -> None:
+    """Measure a round every `interval_s` seconds until cancelled, off the event loop.
+
+    Each round sets `memsvc_canary_recall` and logs it; a round that raises is
+    counted in `memsvc_canary_failures_total` and logged, and the loop goes on:
+    a monitor that dies with its first error would report nothing when it matters.
+    `on_result` gets every finished round (the manager feeds the canary session's
+    guard with it)."""
+    while True:
+        try:
+            result = await asyncio.to_thread(canary.measure)
+        except Exception:
+            metrics.count_canary_failure()
+            log.exception("canary_failed", round=canary.rounds)
+        else:
+            metrics.set_canary_recall(result.recall)
+            log.info(
+                "canary_recall",
+                round=result.round,
+                session=result.session_id,
+                recall=result.recall,
+                correct=result.correct,
+                total=result.total,
+                seconds=round(result.seconds, 3),
+            )
+            if on_result is not None:
+                on_result(result)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,185 @@
+"""`memsvc top`: the hottest sessions of one node, live, from its admin API.
+
+Polls `AdminService.ListResident` every `--interval` seconds and shows the
+resident sessions that streamed the most tokens since the previous poll
+(tokens/s from the change of each session's position), with their tier and
+memory health (writes per 1k tokens, norm, surprise; "-" where the server
+does not report it). The admin key comes from $MEMSVC_ADMIN_KEY, never a flag.
+
+Fetching, converting and rendering are separate so that the table is a pure
+function of the rows (`render_top`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from memsvc.client.admin import AdminClient
+from memsvc.client.errors import MemsvcError
+from memsvc.proto.v1 import memsvc_pb2 as pb
+
+_MISSING = "-"
+
+
+@dataclass(frozen=True)
+class TopRow:
+    """One resident session as `memsvc top` shows it; None: not known (yet)."""
+
+    session_id: str
+    tenant_id: str
+    tier: str
+    position: int
+    pinned: bool
+    tokens_per_s: float | None  # since the previous poll; None on a session's first
+    updates_per_1k_tokens: float | None = None
+    memory_norm: float | None = None
+    surprise: float | None = None
+
+
+def rows_from_resident(
+    sessions: Sequence[pb.ResidentSession], previous: Mapping[str, int], seconds: float
+) -> list[TopRow]:
+    """Rows of one poll; `previous` holds the positions of the poll `seconds` earlier."""
+    rows = []
+    for s in sessions:
+        before = previous.get(s.session_id)
+        rate = (s.position - before) / seconds if before is not None and seconds > 0 else None
+        rows.append(
+            TopRow(
+                session_id=s.session_id,
+                tenant_id=s.tenant_id,
+                tier=pb.Tier.Name(s.tier).removeprefix("TIER_").lower(),
+                position=s.position,
+                pinned=s.pinned,
+                tokens_per_s=rate,
+            )
+        )
+    return rows
+
+
+def render_top(rows: Sequence[TopRow], *, limit: int = 20, title: str = "memsvc top") -> Table:
+    """The `limit` hottest rows (most tokens/s, then furthest position) as a table."""
+    hottest = sorted(rows, key=lambda r: (r.tokens_per_s or 0.0, r.position), reverse=True)
+    shown = hottest[:limit]
+    table = Table(title=title, caption=f"{len(shown)} of {len(rows)} resident sessions")
+    table.add_column("session", no_wrap=True)
+    table.add_column("tenant", no_wrap=True)
+    table.add_column("tier")
+    for numeric in ("position", "tokens/s", "writes/1k tok", "norm", "surprise"):
+        table.add_column(numeric, justify="right")
+    table.add_column("pinned")
+    for r in shown:
+        table.add_row(
+            r.session_id,
+            r.tenant_id,
+            r.tier,
+            f"{r.position:,}",
+            _number(r.tokens_per_s, ",.0f"),
+            _number(r.updates_per_1k_tokens, ".1f"),
+            _number(r.memory_norm, ".4g"),
+            _number(r.surprise, ".3g"),
+            "yes" if r.pinned else "",
+        )
+    return table
+
+
+def _number(value: float | None, spec: str) -> str:
+    return _MISSING if value is None else format(value, spec)
+
+
+def watch(
+    fetch: Callable[[], Sequence[pb.ResidentSession]],
+    *,
+    interval: float,
+    limit: int,
+    console: Console,
+    title: str = "memsvc top",
+    rounds: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Poll `fetch` every `interval` seconds and redraw the table in place, `rounds` times
+    (None: until interrupted)."""
+    previous: dict[str, int] = {}
+    last: float | None = None
+    done = 0
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            sessions = fetch()
+            now = clock()
+            seconds = 0.0 if last is None else now - last
+            rows = rows_from_resident(sessions, previous, seconds)
+            live.update(render_top(rows, limit=limit, title=title), refresh=True)
+            previous = {s.session_id: s.position for s in sessions}
+            last = now
+            done += 1
+            if rounds is not None and done >= rounds:
+                return
+            time.sleep(interval)
+
+
+def run_top(
+    address: str,
+    admin_key: str,
+    interval: float = 2.0,
+    *,
+    limit: int = 20,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+) -> int:
+    """`memsvc top` against the server at `address`, until Ctrl-C."""
+    admin = AdminClient(address, admin_key, tls=tls, root_certificates=root_certificates)
+    with admin, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how top ends
+        watch(
+            admin.resident,
+            interval=interval,
+            limit=limit,
+            console=Console(),
+            title=f"memsvc top  {address}",
+        )
+    return 0
+
+
+def add_top_parser(commands: argparse._SubParsersAction) -> None:
+    top = commands.add_parser(
+        "top",
+        help="the hottest sessions of a node, live (admin key)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051"))
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    top.add_argument("--limit", type=int, default=20, help="sessions shown")
+    top.add_argument("--tls", action="store_true", help="connect with TLS")
+    top.add_argument("--ca-cert", type=Path, help="PEM roots for a private CA (implies TLS)")
+    top.set_defaults(func=_top)
+
+
+def _top(args: argparse.Namespace) -> int:
+    key = os.environ.get("MEMSVC_ADMIN_KEY")
+    if not key:
+        print("memsvc top: set MEMSVC_ADMIN_KEY", file=sys.stderr)
+        return 1
+    roots = args.ca_cert.read_bytes() if args.ca_cert else None
+    try:
+        return run_top(
+            args.address,
+            key,
+            args.interval,
+            limit=args.limit,
+            tls=args.tls,
+            root_certificates=roots,
+        )
+    except MemsvcError as error:
+        print(f"memsvc top: {error}", file=sys.stderr)
+        return 1
