@@ -53,6 +53,7 @@ class Probe:
     needle: str
     question: Tensor  # (Q,) int64: QUERY + the question prompt
     answer: str
+    distractor_digits: int  # digits of the haystack's distractor numbers (like the answer's)
     hay_bytes: int  # haystack bytes around the needle
     needle_at: int  # the needle starts at the first haystack unit boundary at or after this
 
@@ -71,7 +72,6 @@ class Probe:
         The needle goes at the first haystack unit boundary at or after `needle_at`."""
         spec = self.spec
         vocab = VOCABULARIES[spec.vocabulary]
-        digits = len(self.answer) if self.answer.isdigit() else 7
         rng = random.Random(f"haystack-{self.seed}")
         pending = [BOS_ID]  # ids not yet handed out
         emitted = 0
@@ -80,7 +80,9 @@ class Probe:
             if not needle_done and emitted >= self.needle_at:
                 pending += self.needle.encode()
                 needle_done = True
-            unit = haystack_units(rng, spec.haystack, vocab, 1, spec.distractor_rate, digits)[0]
+            unit = haystack_units(
+                rng, spec.haystack, vocab, 1, spec.distractor_rate, self.distractor_digits
+            )[0]
             data = unit.encode()[: self.hay_bytes - emitted]
             pending += data
             emitted += len(data)
@@ -100,7 +102,7 @@ def make_probe(spec: ProbeSpec, seed: int) -> Probe:
     more than `window` tokens before the first answer token.
     """
     rng = random.Random(f"probe-{spec.kind}-{spec.length}-{seed}")
-    needle, question, answer, _ = needle_parts(spec.kind, rng, spec.vocabulary)
+    needle, question, answer, digits = needle_parts(spec.kind, rng, spec.vocabulary)
     n_needle, n_question = len(needle.encode()), 1 + len(question.encode())
     hay = spec.length - 1 - n_needle - n_question - len(answer.encode())  # - BOS
     latest = hay + n_question - spec.window - 1 - _MAX_UNIT_BYTES  # needle end beyond W
@@ -115,6 +117,7 @@ def make_probe(spec: ProbeSpec, seed: int) -> Probe:
         needle=needle,
         question=torch.tensor([QUERY_ID, *encode(question)], dtype=torch.int64),
         answer=answer,
+        distractor_digits=digits,
         hay_bytes=hay,
         needle_at=rng.randint(0, latest),
     )
