@@ -17,7 +17,7 @@ _TIERS = {"host": pb.TIER_HOST, "disk": pb.TIER_DISK}
 
 
 class AdminClient:
-    """What one server node holds: resident sessions, eviction, counters."""
+    """What one server node holds: resident sessions, eviction, counters, audit events."""
 
     def __init__(
         self,
@@ -47,6 +47,16 @@ class AdminClient:
 
     def stats(self) -> pb.Stats:
         return self._call(self.stub.GetStats, pb.GetStatsRequest(), idempotent=True)
+
+    def events(
+        self, tenant_id: str = "", *, kind: str = "", session_id: str = "", limit: int = 100
+    ) -> list[pb.Event]:
+        """Audit events, newest first: of `tenant_id` (empty: every tenant), filtered by
+        `kind` ("mitigation", "corruption", ...) and `session_id` when given."""
+        request = pb.ListEventsRequest(
+            tenant_id=tenant_id, kind=kind, session_id=session_id, limit=limit
+        )
+        return list(self._call(self.stub.ListEvents, request, idempotent=True).events)
 
     def _call(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
         retry = self.retry if idempotent else None

@@ -13,10 +13,11 @@ byte.
 The canary keeps one session across rounds: a first round measures a fresh
 memory, later ones a memory that has been written for hours, which is where
 saturation shows (the session's guard takes the recall, `SessionGuard.observe_recall`).
-A round that raises forgets its session, so the next round starts a new one.
+A round that raises deletes its session (best effort) and forgets it, so the
+next round starts a new one and no half-written session is left behind.
 
-The canary talks to the service through three callables, so the same code runs
-in process (the session manager) and against a server (the SDK).
+The canary talks to the service through callables, so the same code runs in
+process (the session manager) and against a server (the SDK).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ AppendTokens = Callable[[str, Sequence[int]], None]
 # (session id, prompt tokens, max new tokens) -> the tokens generated greedily,
 # from a copy of the memory (the session is unchanged).
 QueryTokens = Callable[[str, Sequence[int], int], Sequence[int]]
+DeleteSession = Callable[[str], None]
 
 _MAX_DRAWS = 1000  # draws of fact words before giving up on finding distinct ones
 
@@ -86,6 +88,7 @@ class RecallCanary:
         append: AppendTokens,
         query: QueryTokens,
         *,
+        delete: DeleteSession | None = None,
         facts: int = 8,
         gap_tokens: int = 512,
         seed: int = 0,
@@ -95,6 +98,7 @@ class RecallCanary:
         if gap_tokens < 0:
             raise ValueError(f"gap_tokens must be >= 0, got {gap_tokens}")
         self._create, self._append, self._query = create, append, query
+        self._delete = delete
         self.facts = facts
         self.gap_tokens = gap_tokens
         self.seed = seed
@@ -114,13 +118,24 @@ class RecallCanary:
             self._append(session_id, self._context(facts, rng, bos=fresh))
             correct = sum(self._recalls(session_id, fact) for fact in facts)
         except BaseException:
-            self.session_id = None  # its state is unknown now: start over next round
+            self.discard()  # its state is unknown now: start over next round
             raise
         result = CanaryResult(
             self.rounds, session_id, correct, len(facts), time.perf_counter() - began
         )
         self.rounds += 1
         return result
+
+    def discard(self) -> None:
+        """Deletes the canary's session (if it has one and a `delete`) and forgets it; a failed
+        delete is logged, never raised: the canary must go on."""
+        session_id, self.session_id = self.session_id, None
+        if session_id is None or self._delete is None:
+            return
+        try:
+            self._delete(session_id)
+        except Exception as error:
+            log.warning("canary_session_not_deleted", session=session_id, error=repr(error))
 
     def _context(self, facts: Sequence[Fact], rng: random.Random, bos: bool) -> list[int]:
         """filler fact filler fact ... filler; BOS first in a fresh session, as in training.

@@ -4,7 +4,8 @@ Polls `AdminService.ListResident` every `--interval` seconds and shows the
 resident sessions that streamed the most tokens since the previous poll
 (tokens/s from the change of each session's position), with their tier and
 memory health (writes per 1k tokens, norm, surprise; "-" where the server
-does not report it). The admin key comes from $MEMSVC_ADMIN_KEY, never a flag.
+does not report it) and the guards' mitigation in force (step scale below 1,
+forget boost above 0; blank when none). The admin key comes from $MEMSVC_ADMIN_KEY, never a flag.
 
 Fetching, converting and rendering are separate so that the table is a pure
 function of the rows (`render_top`).
@@ -45,6 +46,8 @@ class TopRow:
     updates_per_1k_tokens: float | None = None
     memory_norm: float | None = None
     surprise: float | None = None
+    step_scale: float | None = None  # the memory's knobs; off neutral once a guard acted
+    forget_boost: float | None = None
 
 
 def rows_from_resident(
@@ -63,9 +66,18 @@ def rows_from_resident(
                 position=s.position,
                 pinned=s.pinned,
                 tokens_per_s=rate,
+                updates_per_1k_tokens=_present(s, "updates_per_1k_tokens"),
+                memory_norm=_present(s, "memory_norm"),
+                surprise=_present(s, "surprise"),
+                step_scale=s.step_scale,
+                forget_boost=s.forget_boost,
             )
         )
     return rows
+
+
+def _present(message: pb.ResidentSession, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None
 
 
 def render_top(rows: Sequence[TopRow], *, limit: int = 20, title: str = "memsvc top") -> Table:
@@ -78,6 +90,7 @@ def render_top(rows: Sequence[TopRow], *, limit: int = 20, title: str = "memsvc 
     table.add_column("tier")
     for numeric in ("position", "tokens/s", "writes/1k tok", "norm", "surprise"):
         table.add_column(numeric, justify="right")
+    table.add_column("mitigation")
     table.add_column("pinned")
     for r in shown:
         table.add_row(
@@ -89,9 +102,21 @@ def render_top(rows: Sequence[TopRow], *, limit: int = 20, title: str = "memsvc 
             _number(r.updates_per_1k_tokens, ".1f"),
             _number(r.memory_norm, ".4g"),
             _number(r.surprise, ".3g"),
+            _mitigation(r),
             "yes" if r.pinned else "",
         )
     return table
+
+
+def _mitigation(row: TopRow) -> str:
+    if row.step_scale is None or row.forget_boost is None:
+        return _MISSING
+    knobs = []
+    if row.step_scale < 1.0:
+        knobs.append(f"step x{row.step_scale:.3g}")
+    if row.forget_boost > 0.0:
+        knobs.append(f"forget +{row.forget_boost:.2g}")
+    return ", ".join(knobs)
 
 
 def _number(value: float | None, spec: str) -> str:

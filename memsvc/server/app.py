@@ -1,29 +1,44 @@
-"""`MemoryServer`: the grpc.aio server over one SessionManager, and its graceful stop.
+"""`MemoryServer`: the grpc.aio server over one SessionManager, its operations, and its
+graceful stop.
 
-Stopping (SIGTERM): health turns NOT_SERVING, idle streams are ended
-(UNAVAILABLE), no new calls are accepted, in-flight calls get the grace period
-to finish, the scheduler finishes the chunks it holds, and the manager
-checkpoints every resident session as it closes.
+Operations: one `ServiceMetrics` per server, served at /metrics on
+`metrics_port` (0: not served); every RPC is counted and timed (an
+interceptor); each acknowledged append feeds the stream metrics and its
+session's guard (`StreamGuards`), whose mitigations are applied through the
+manager; the resident-session gauge is refreshed every GAUGE_PERIOD_S; and, with
+`canary_interval_s`, a recall canary runs (`ServiceCanary`).
+
+Stopping (SIGTERM): the canary stops (its session is deleted), health turns
+NOT_SERVING, idle streams are ended (UNAVAILABLE), no new calls are accepted,
+in-flight calls get the grace period to finish, the scheduler finishes the
+chunks it holds, and the manager checkpoints every resident session as it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memsvc.obs.guard import GuardConfig
+from memsvc.obs.metrics import ServiceMetrics, start_metrics_server
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server.admin import AdminServicer
 from memsvc.server.auth import Authenticator
+from memsvc.server.canary import ServiceCanary
+from memsvc.server.guards import StreamGuards, default_guard_config
 from memsvc.server.limits import Limits
+from memsvc.server.rpc_metrics import RpcMetricsInterceptor
 from memsvc.server.scheduler import Scheduler
 from memsvc.server.servicer import MemoryServicer
 from memsvc.store.database import Database
@@ -34,6 +49,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SERVICE_NAMES = tuple(service.full_name for service in pb.DESCRIPTOR.services_by_name.values())
+GAUGE_PERIOD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,10 +66,17 @@ class ServerConfig:
     auth_cache_ttl_s: float = 30.0
     # Pings keep long idle streams alive through proxies and find dead peers.
     keepalive_s: float = 60.0
+    metrics_port: int = 0  # serve /metrics (Prometheus) on this port; 0: not served
+    metrics_address: str = "0.0.0.0"
+    canary_interval_s: float = 0.0  # seconds between recall canary rounds; 0: no canary
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a port or 0, got {self.metrics_port}")
+        if self.canary_interval_s < 0:
+            raise ValueError("canary_interval_s must be >= 0 (0: no canary)")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         keepalive_ms = int(self.keepalive_s * 1000)
@@ -70,12 +93,28 @@ class ServerConfig:
 
 
 class MemoryServer:
-    """Serves `manager` over gRPC; the tenants' keys are checked against `database`."""
+    """Serves `manager` over gRPC; the tenants' keys are checked against `database`.
+
+    `metrics` is the server's recorder (a new one if None): give the same one to the
+    SessionManager as its observer, so that evictions, restores, checkpoints and log
+    fsyncs are timed too. `guard_config` sets the session guards' thresholds
+    (`default_guard_config` of the served model if None).
+    """
 
     def __init__(
-        self, manager: SessionManager, database: Database, config: ServerConfig, vocab_size: int
+        self,
+        manager: SessionManager,
+        database: Database,
+        config: ServerConfig,
+        vocab_size: int,
+        *,
+        metrics: ServiceMetrics | None = None,
+        guard_config: GuardConfig | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self.guard_config = guard_config or default_guard_config(manager.engine)
+        self._database = database
         self._manager = manager
         self._auth = Authenticator(database, config.admin_key, config.auth_cache_ttl_s)
         self._limits = Limits(vocab_size, config.max_message_bytes, config.max_tokens_per_request)
@@ -84,17 +123,30 @@ class MemoryServer:
         self.scheduler: Scheduler | None = None  # runs the model work; set by start()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None  # where /metrics is served, once started
+        self._metrics_http: WSGIServer | None = None
+        self._gauges: asyncio.Task[None] | None = None
+        self.canary: ServiceCanary | None = None
 
     async def start(self) -> int:
         """Binds and starts serving; returns the port (useful with port 0)."""
-        self.scheduler = Scheduler(self._manager)
+        engine = self._manager.engine
+        guards = StreamGuards(self._manager, self.metrics, self.guard_config, engine.chunk_size)
+        self.scheduler = Scheduler(self._manager, guards)
         self.scheduler.start()
-        server = grpc.aio.server(options=self.config.grpc_options())
+        server = grpc.aio.server(
+            options=self.config.grpc_options(),
+            interceptors=[RpcMetricsInterceptor(self.metrics)],
+        )
         pb_grpc.add_MemoryServiceServicer_to_server(
-            MemoryServicer(self._manager, self.scheduler, self._auth, self._limits, self._stopping),
+            MemoryServicer(
+                self._manager, self.scheduler, self._auth, self._limits, self._stopping, guards
+            ),
             server,
         )
-        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self._manager, self._auth), server)
+        pb_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self._manager, self._auth, guards), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -106,8 +158,24 @@ class MemoryServer:
             self.port = server.add_secure_port(self.config.address, credentials)
         else:
             self.port = server.add_insecure_port(self.config.address)
+        if self.config.metrics_port:
+            self._metrics_http = start_metrics_server(
+                self.config.metrics_port, self.metrics.registry, self.config.metrics_address
+            )
+            self.metrics_port = self._metrics_http.server_port
+        self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         await server.start()
         self._server = server
+        if self.config.canary_interval_s > 0:
+            self.canary = ServiceCanary(
+                self._manager,
+                self.scheduler,
+                guards,
+                self.metrics,
+                self._database,
+                self.config.canary_interval_s,
+            )
+            await self.canary.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -115,6 +183,8 @@ class MemoryServer:
             address=self.config.address,
             port=self.port,
             tls=self.config.tls_cert is not None,
+            metrics_port=self.metrics_port,
+            norm_bound=self.guard_config.norm_bound,
         )
         return self.port
 
@@ -122,12 +192,28 @@ class MemoryServer:
         """The graceful stop of the module docstring; returns once state is durable."""
         assert self._server is not None and self.scheduler is not None
         log.info("server_stopping", grace_s=self.config.shutdown_grace_s)
+        if self.canary is not None:
+            await self.canary.stop()
         await self._health.enter_graceful_shutdown()
         self._stopping.set()
         await self._server.stop(self.config.shutdown_grace_s)
         await self.scheduler.close()
         await asyncio.to_thread(self._manager.close)
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         log.info("server_stopped")
+
+    async def _refresh_gauges(self) -> None:
+        """Sessions resident per tier, from the manager's books, every GAUGE_PERIOD_S."""
+        while True:
+            stats = await asyncio.to_thread(self._manager.stats)
+            self.metrics.set_sessions({tier.value: n for tier, n in stats.resident.items()})
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def serve_until_signalled(self) -> None:
         """Starts, serves until SIGTERM or SIGINT, then stops gracefully."""

@@ -2,6 +2,7 @@
 
 memsvc serve                                    # embedded: ./data, SQLite, reference model
 memsvc serve --database-url postgresql+psycopg://... --redis-url redis://...
+memsvc serve --metrics-port 9464 --canary-interval 300   # /metrics, a recall canary
 memsvc tenants create acme                      # prints the tenant's API key, once
 
 Flags fall back on DATABASE_URL, REDIS_URL and MEMSVC_DATA_DIR; the admin key
@@ -21,6 +22,7 @@ from pathlib import Path
 from memsvc.model.reference import REFERENCE_MODEL_DIR
 
 DEFAULT_DATA_DIR = "data"
+DEFAULT_METRICS_PORT = 9464  # Prometheus' conventional exporter port
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,31 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds (SIGTERM)")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("MEMSVC_METRICS_PORT", DEFAULT_METRICS_PORT)),
+        help="serve Prometheus /metrics on this port; 0: off "
+        f"($MEMSVC_METRICS_PORT, {DEFAULT_METRICS_PORT})",
+    )
+    serve.add_argument(
+        "--canary-interval",
+        type=float,
+        default=0.0,
+        help="seconds between recall canary rounds (an internal tenant); 0: off",
+    )
+    serve.add_argument(
+        "--guard-window-tokens",
+        type=int,
+        default=None,
+        help="tokens over which the session guards measure growth (4096)",
+    )
+    serve.add_argument(
+        "--guard-norm-bound",
+        type=float,
+        default=None,
+        help="memory norm the guards call saturated (8x a fresh memory's norm)",
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -80,9 +107,11 @@ def add_tenants_parser(commands: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
+    from memsvc.obs.metrics import ServiceMetrics
     from memsvc.runtime import tune_allocator
     from memsvc.server.app import MemoryServer, ServerConfig
     from memsvc.server.backends import SetupError, load_engine, open_database, open_tracker
+    from memsvc.server.guards import default_guard_config
     from memsvc.sessions.manager import ManagerConfig, SessionManager
 
     if args.threads:
@@ -100,13 +129,23 @@ def run_serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             max_tokens_per_request=args.max_tokens_per_request,
             shutdown_grace_s=args.shutdown_grace,
+            metrics_port=args.metrics_port,
+            canary_interval_s=args.canary_interval,
         )
         engine = load_engine(args.model, args.device)
+        overrides = {
+            "window_tokens": args.guard_window_tokens,
+            "norm_bound": args.guard_norm_bound,
+        }
+        guard_config = default_guard_config(
+            engine, **{name: value for name, value in overrides.items() if value is not None}
+        )
         database = open_database(args.data_dir, args.database_url)
         tracker = open_tracker(args.redis_url, args.redis_namespace)
     except (SetupError, ValueError) as error:
         print(f"memsvc serve: {error}", file=sys.stderr)
         return 2
+    metrics = ServiceMetrics()
     manager = SessionManager(
         ManagerConfig(
             data_dir=args.data_dir,
@@ -118,8 +157,16 @@ def run_serve(args: argparse.Namespace) -> int:
         engine=engine,
         database=database,
         tracker=tracker,
+        observer=metrics,
     )
-    server = MemoryServer(manager, database, config, engine.model.config.vocab_size)
+    server = MemoryServer(
+        manager,
+        database,
+        config,
+        engine.model.config.vocab_size,
+        metrics=metrics,
+        guard_config=guard_config,
+    )
     try:
         asyncio.run(server.serve_until_signalled())
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from memsvc.engine import SamplingParams
@@ -15,6 +16,7 @@ from memsvc.sessions.api import (
     InvalidRequestError,
     ManagerStats,
     ResidentSession,
+    SessionEvent,
     SessionInfo,
     Tier,
 )
@@ -61,8 +63,11 @@ def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
     )
 
 
-def resident_session(resident: ResidentSession) -> pb.ResidentSession:
-    return pb.ResidentSession(
+def resident_session(
+    resident: ResidentSession, updates_per_1k_tokens: float | None
+) -> pb.ResidentSession:
+    """A resident session, with its guard's windowed write rate (None: not known yet)."""
+    message = pb.ResidentSession(
         session_id=resident.session_id,
         tenant_id=resident.tenant_id,
         tier=TIERS[resident.tier],
@@ -70,6 +75,30 @@ def resident_session(resident: ResidentSession) -> pb.ResidentSession:
         position=resident.position,
         last_access=_timestamp(datetime.fromtimestamp(resident.last_access, UTC)),
         pinned=resident.pinned,
+        step_scale=resident.step_scale,
+        forget_boost=resident.forget_boost,
+    )
+    optional = {
+        "updates_per_1k_tokens": updates_per_1k_tokens,
+        "memory_norm": resident.memory_norm,
+        "surprise": resident.surprise,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def event(value: SessionEvent) -> pb.Event:
+    payload = Struct()
+    payload.update(value.payload)
+    return pb.Event(
+        event_id=value.event_id,
+        tenant_id=value.tenant_id,
+        session_id=value.session_id or "",
+        kind=value.kind,
+        created_at=_timestamp(value.created_at),
+        payload=payload,
     )
 
 

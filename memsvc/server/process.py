@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One `memsvc serve` child on 127.0.0.1:port; args are the serve flags besides --address.
+    """One `memsvc serve` child on 127.0.0.1:port; args are the serve flags besides --address
+    (/metrics is off unless args pass --metrics-port: children must not fight over one port).
 
     Its log lines go to `log_path` (appended to across restarts). Use it in a
     `with` block: a server still running at its end is killed."""
@@ -59,7 +60,7 @@ class ServerProcess:
         """Starts the server and returns once its health check says SERVING."""
         command = [sys.executable, "-m", "memsvc.cli", "--log-json", "--log-level", self.log_level]
         command.append("serve")
-        command += ["--address", self.address, *self.args]
+        command += ["--address", self.address, "--metrics-port", "0", *self.args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=self.env)

@@ -11,6 +11,10 @@ they arrived (append_many keeps the order of a session's items).
 An append whose caller is gone (stream cancelled) or whose deadline passed
 before its step starts is dropped unseen; once its step started it completes
 (and is durable) even if nobody is left to hear the acknowledgement.
+
+The acknowledged appends of a step then go to the `StreamGuards` (metrics and
+guards), as the next job of the model thread: the acknowledgements do not wait
+for them, and they see a session's appends in order.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from memsvc.server.status import DeadlineExceededError
 from memsvc.sessions.api import AppendResult
 
 if TYPE_CHECKING:
+    from memsvc.server.guards import StreamGuards
     from memsvc.sessions.manager import SessionManager
 
 log = structlog.get_logger(__name__)
@@ -45,13 +50,15 @@ class _Append:
     tokens: Sequence[int]
     done: asyncio.Future[AppendResult]
     deadline: float | None  # time.monotonic() after which nobody waits for it
+    received: float  # time.monotonic() when it was queued
 
 
 class Scheduler:
     """Runs a SessionManager's model work; create and use it on the server's event loop."""
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, guards: StreamGuards | None = None) -> None:
         self._manager = manager
+        self._guards = guards
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memsvc-model")
         self._queue: deque[_Append] = deque()
         self._wakeup = asyncio.Event()
@@ -68,8 +75,9 @@ class Scheduler:
         """Appends through the next batched step; returns once the tokens are durable.
         If timeout_s passes before its step starts, it is dropped (DeadlineExceededError)."""
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._queue.append(_Append(tenant_id, session_id, tokens, done, deadline))
+        now = time.monotonic()
+        deadline = None if timeout_s is None else now + timeout_s
+        self._queue.append(_Append(tenant_id, session_id, tokens, done, deadline, now))
         self._idle.clear()
         self._wakeup.set()
         return await done
@@ -77,6 +85,10 @@ class Scheduler:
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Runs other model work (a query) on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        """Queues work on the model thread without waiting for it; its errors are logged."""
+        self._worker.submit(_logging_errors, fn, *args)
 
     def generate(
         self, tenant_id: str, session_id: str, prompt: Sequence[int], params: SamplingParams
@@ -164,4 +176,25 @@ class Scheduler:
                 applied = [error] * len(items)
             for i, result in zip(live, applied, strict=True):
                 results[i] = result
+        if self._guards is not None:
+            durable = time.monotonic()
+            acknowledged = [
+                (item.tenant_id, result, durable - item.received)
+                for item, result in zip(batch, results, strict=True)
+                if isinstance(result, AppendResult)
+            ]
+            if acknowledged:
+                self.call_soon(self._observe, acknowledged)
         return list(zip(batch, results, strict=True))
+
+    def _observe(self, acknowledged: list[tuple[str, AppendResult, float]]) -> None:
+        assert self._guards is not None
+        for tenant_id, result, seconds in acknowledged:
+            self._guards.observe(tenant_id, result, seconds)
+
+
+def _logging_errors(fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("model_thread_job_failed", job=getattr(fn, "__name__", repr(fn)))

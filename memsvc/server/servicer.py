@@ -19,6 +19,7 @@ from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server import convert
 from memsvc.server.auth import Authenticator, Tenant
+from memsvc.server.guards import StreamGuards
 from memsvc.server.limits import Limits, RateLimiter, checked_tokens
 from memsvc.server.scheduler import Scheduler
 from memsvc.server.status import ShuttingDownError, check_deadline, rpc
@@ -43,9 +44,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         auth: Authenticator,
         limits: Limits,
         stopping: asyncio.Event,
+        guards: StreamGuards | None = None,
     ) -> None:
         self._manager = manager
         self._scheduler = scheduler
+        self._guards = guards  # forgets the guard of a deleted session
         self._auth = auth
         self._limits = limits
         self._rate = RateLimiter()
@@ -79,6 +82,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.DeleteSessionResponse:
         tenant = await self._caller(context, request.session_id)
         await asyncio.to_thread(self._manager.delete, tenant.tenant_id, request.session_id)
+        if self._guards is not None:
+            self._scheduler.call_soon(self._guards.forget, request.session_id)
         return pb.DeleteSessionResponse()
 
     # ---- streaming ---------------------------------------------------------------------

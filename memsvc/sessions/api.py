@@ -17,8 +17,9 @@ exactly like a missing one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
 from memsvc.store.errors import NotFoundError, QuotaExceededError
 from memsvc.store.hot_state import Tier
@@ -34,8 +35,10 @@ __all__ = [
     "QuotaExceededError",
     "ResidentSession",
     "SessionBusyError",
+    "SessionEvent",
     "SessionInfo",
     "SessionNotFoundError",
+    "SessionObserver",
     "Tier",
 ]
 
@@ -95,6 +98,8 @@ class AppendResult:
     surprise: float  # the write gate's surprise EMA (mean over layers)
     memory_norm: float  # L2 norm of all memory weights
     wal_offset: int  # end of the session's log after this append
+    step_scale: float = 1.0  # the memory's mitigation knobs (`SessionManager.mitigate`)
+    forget_boost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,23 @@ class ResidentSession:
     position: int
     last_access: float  # time.time() of the last touch
     pinned: bool  # in use right now: never evicted
+    step_scale: float = 1.0  # the memory's mitigation knobs (`SessionManager.mitigate`)
+    forget_boost: float = 0.0
+    # From the last append on this node; None until one came since the state was loaded.
+    memory_norm: float | None = None
+    surprise: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """An audit event of a session (a mitigation applied, a damaged file found, ...)."""
+
+    event_id: int
+    tenant_id: str
+    session_id: str | None  # None once the session is deleted
+    kind: str  # an `EventKind` value
+    created_at: datetime
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,3 +156,26 @@ class ManagerStats:
     quarantined: int = 0  # sessions that could not be restored and were set aside
     restore_seconds: float = 0.0  # time spent restoring, summed (restores counts them)
     eviction_seconds: float = 0.0  # time spent evicting, summed (evictions counts them)
+
+
+class SessionObserver(Protocol):
+    """Where the manager reports the latency of its slow steps (`ServiceMetrics` is one).
+
+    Called from the thread doing the work, often holding the session's lock: keep
+    each call quick and never call back into the manager. Tiers are `Tier` values.
+    """
+
+    def observe_eviction(self, seconds: float, tier: str) -> None:
+        """A state moved out to ``tier`` ("host" or "disk")."""
+
+    def observe_restore(self, seconds: float, tier: str) -> None:
+        """A state brought back to the device from ``tier`` ("host" or "disk")."""
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        """One checkpoint written and recorded."""
+
+    def count_checkpoint_failure(self) -> None:
+        """A checkpoint that raised."""
+
+    def observe_wal_sync(self, seconds: float) -> None:
+        """One fsync of a session's write-ahead log (acknowledging its appends)."""

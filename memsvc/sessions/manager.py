@@ -33,6 +33,14 @@ under a lease still held continues; hot state is published best effort
 retries a refused connection with backoff (seconds, by default) and every
 call that touches Redis waits for it.
 
+Mitigation. ``mitigate`` sets a session's memory knobs (step scale, forget
+boost: ``ModelState.with_mitigation``); they are part of the state, so the
+session is checkpointed at once and a restart keeps them (see ``mitigate``).
+
+Observation. An optional ``observer`` (``SessionObserver``: the server passes
+its ``ServiceMetrics``) hears the latency of evictions, restores, checkpoints
+and log fsyncs.
+
 Every call is scoped by tenant: another tenant's session is reported exactly
 like a missing one (SessionNotFoundError).
 """
@@ -41,7 +49,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,8 +71,10 @@ from memsvc.sessions.api import (
     ManagerStats,
     ResidentSession,
     SessionBusyError,
+    SessionEvent,
     SessionInfo,
     SessionNotFoundError,
+    SessionObserver,
     Tier,
 )
 from memsvc.sessions.durability import SessionStore, StateIdentity
@@ -79,7 +89,7 @@ from memsvc.store import metadata
 from memsvc.store.database import Database
 from memsvc.store.errors import NotFoundError, StaleFenceError
 from memsvc.store.hot_state import HotStateTracker
-from memsvc.store.models import SessionRow, SessionStatus
+from memsvc.store.models import EventKind, SessionRow, SessionStatus
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +143,10 @@ class _Session:
     last_checkpoint: CheckpointInfo | None = None
     checkpoint_at: float = 0.0  # monotonic time of the last checkpoint (or restore)
     write_rate: float = 0.0  # memory writes per 1k tokens, for the hot state
+    step_scale: float = 1.0  # the state's mitigation knobs, as last read or set
+    forget_boost: float = 0.0
+    memory_norm: float | None = None  # after the last append since the state was loaded
+    surprise: float | None = None
     on_disk: bool = False  # it has a log or checkpoints (False: never materialised)
     gone: str | None = None  # "deleted" or "quarantined" while a caller waited for it
 
@@ -159,8 +173,10 @@ class SessionManager:
         engine: StreamingEngine,
         database: Database,
         tracker: HotStateTracker,
+        observer: SessionObserver | None = None,
     ) -> None:
         self.config = config
+        self._observer: SessionObserver = observer if observer is not None else _Unobserved()
         self.engine = engine
         self.identity = StateIdentity.of(engine.model)
         self._store = SessionStore(
@@ -362,6 +378,89 @@ class SessionManager:
         with self._holding(session):
             self._ready(session)
 
+    def mitigate(
+        self,
+        tenant_id: str,
+        session_id: str,
+        step_scale: float,
+        forget_boost: float,
+        *,
+        reason: str = "manual",
+        evidence: Mapping[str, float] | None = None,
+    ) -> None:
+        """Sets the session's memory knobs (``ModelState.with_mitigation``) and makes them durable.
+
+        The knobs are part of the state, so the session is checkpointed right
+        after: a restart or an eviction restores them, and the log tail replays
+        on top of them. (Should that checkpoint later prove damaged, restore falls
+        back to an older generation and its knobs: the guards decide again.) If
+        the checkpoint fails, the knobs hold in memory only and the error is
+        raised. Recorded as a MITIGATION event with ``reason`` and ``evidence``.
+        InvalidRequestError for knobs out of range (nothing changes).
+        """
+        self._check_open()
+        if not (0.0 < step_scale <= 1.0 and 0.0 <= forget_boost < 1.0):
+            raise InvalidRequestError(
+                f"need 0 < step_scale <= 1 and 0 <= forget_boost < 1, "
+                f"got {step_scale} and {forget_boost}"
+            )
+        session = self._resolve(tenant_id, session_id)
+        with self._holding(session):
+            state = self._ready(session).with_mitigation(step_scale, forget_boost)
+            before = (session.step_scale, session.forget_boost)
+            session.state = state
+            session.step_scale, session.forget_boost = step_scale, forget_boost
+            info = self._checkpoint(session)
+            payload = {
+                "reason": reason,
+                "step_scale": step_scale,
+                "forget_boost": forget_boost,
+                "previous_step_scale": before[0],
+                "previous_forget_boost": before[1],
+                "position": info.position,
+                "generation": info.generation,
+                "evidence": dict(evidence or {}),
+            }
+            with self._database.unit_of_work() as db:
+                metadata.record_event(
+                    db, tenant_id, EventKind.MITIGATION, payload, session_id=session_id
+                )
+        log.warning("mitigation_applied", tenant=tenant_id, session=session_id, **payload)
+
+    def events(
+        self,
+        tenant_id: str | None,
+        *,
+        kind: str = "",
+        session_id: str = "",
+        limit: int = 100,
+    ) -> list[SessionEvent]:
+        """Audit events, newest first: of one tenant, or of every tenant (None, the operator's);
+        ``kind`` (an EventKind value) and ``session_id`` filter when given."""
+        self._check_open()
+        try:
+            event_kind = EventKind(kind) if kind else None
+        except ValueError:
+            kinds = ", ".join(k.value for k in EventKind)
+            raise InvalidRequestError(f"unknown event kind {kind!r}; kinds are {kinds}") from None
+        if limit <= 0:
+            raise InvalidRequestError(f"limit must be positive, got {limit}")
+        with self._database.unit_of_work() as db:
+            rows = metadata.list_events(
+                db, tenant_id, session_id=session_id or None, kind=event_kind, limit=limit
+            )
+            return [
+                SessionEvent(
+                    event_id=row.id,
+                    tenant_id=row.tenant_id,
+                    session_id=row.session_id,
+                    kind=row.kind,
+                    created_at=row.created_at,
+                    payload=dict(row.payload),
+                )
+                for row in rows
+            ]
+
     # ---- copies -------------------------------------------------------------------------
 
     def fork(self, tenant_id: str, session_id: str, name: str = "") -> SessionInfo:
@@ -407,6 +506,10 @@ class SessionManager:
                     position=session.position or 0,
                     last_access=resident.last_access,
                     pinned=self._table.pinned(session_id),
+                    step_scale=session.step_scale,
+                    forget_boost=session.forget_boost,
+                    memory_norm=session.memory_norm,
+                    surprise=session.surprise,
                 )
                 for session_id, resident in entries
                 if (session := self._sessions.get(session_id)) is not None
@@ -571,10 +674,12 @@ class SessionManager:
         if session.state is None:
             self._restore(session)
         elif self._resident_tier(session) is Tier.HOST:
+            started = time.perf_counter()
             with self._move_lock:
                 self._make_room(Tier.DEVICE, self._state_bytes)
                 session.state = session.state.to(self.engine.device)
                 self._place(session, Tier.DEVICE)
+            self._observer.observe_restore(time.perf_counter() - started, Tier.HOST.value)
         with self._lock:
             self._table.touch(session.id, time.time())
         self._refresh(session)
@@ -616,6 +721,8 @@ class SessionManager:
             self._ownership.release(session.id)
             raise
         session.state, session.wal = restored.state, restored.wal
+        session.step_scale, session.forget_boost = _knobs(restored.state)
+        session.memory_norm = session.surprise = None
         session.position = restored.wal.next_position
         session.durable_position = restored.checkpoint_position
         session.generation = restored.generation
@@ -627,6 +734,7 @@ class SessionManager:
         with self._lock:
             self._counters.restores += 1
             self._counters.restore_seconds += elapsed
+        self._observer.observe_restore(elapsed, Tier.DISK.value)
         log.debug("session_restored", session=session.id, position=session.position, s=elapsed)
         if restored.fell_back:
             self._checkpoint_if_dirty(session)  # a sound newest generation again
@@ -685,6 +793,7 @@ class SessionManager:
         with self._lock:
             self._counters.evictions += 1
             self._counters.eviction_seconds += elapsed
+        self._observer.observe_eviction(elapsed, tier.value)
         log.debug("session_evicted", session=session.id, tier=tier.value, s=elapsed)
 
     def _drop(self, session: _Session, *, release: bool = True) -> None:
@@ -711,11 +820,14 @@ class SessionManager:
     def _sync(self, session: _Session) -> int:
         """Makes the session's log durable; returns its end offset."""
         assert session.wal is not None
+        started = time.perf_counter()
         try:
-            return session.wal.flush_and_sync()
+            end = session.wal.flush_and_sync()
         except BaseException:
             self._drop(session)
             raise
+        self._observer.observe_wal_sync(time.perf_counter() - started)
+        return end
 
     def _sync_all(self, sessions: list[_Session]) -> list[int | Exception]:
         """``_sync`` of several logs at once (concurrent fsyncs share the disk's flushes);
@@ -753,6 +865,7 @@ class SessionManager:
         self, session: _Session, ids: Tensor, stats: AppendStats, end: int
     ) -> AppendResult:
         session.write_rate = 1000 * stats.writes_applied / max(stats.position, 1)
+        session.memory_norm, session.surprise = stats.memory_norm, stats.surprise_ema
         return AppendResult(
             session_id=session.id,
             position=stats.position,
@@ -762,6 +875,8 @@ class SessionManager:
             surprise=stats.surprise_ema,
             memory_norm=stats.memory_norm,
             wal_offset=end,
+            step_scale=session.step_scale,
+            forget_boost=session.forget_boost,
         )
 
     def _append_batch(
@@ -828,14 +943,20 @@ class SessionManager:
 
     def _checkpoint(self, session: _Session) -> CheckpointInfo:
         assert session.state is not None and session.wal is not None
-        lease = self._ownership.keep(session.id)
+        started = time.perf_counter()
         try:
+            lease = self._ownership.keep(session.id)
             info = self._store.checkpoint(
                 session.id, session.generation + 1, session.state, session.wal, lease.fence
             )
         except StaleFenceError as error:
+            self._observer.count_checkpoint_failure()
             self._drop(session)
             raise SessionBusyError(f"session {session.id} is owned by another node") from error
+        except BaseException:
+            self._observer.count_checkpoint_failure()
+            raise
+        self._observer.observe_checkpoint(time.perf_counter() - started)
         session.generation = info.generation
         session.durable_position = info.position
         session.last_checkpoint = info
@@ -870,6 +991,7 @@ class SessionManager:
             raise
         session = self._remember(row, position=position, on_disk=True)
         session.generation, session.last_checkpoint = 1, info
+        session.step_scale, session.forget_boost = _knobs(state)  # a fork keeps its source's
         return self._info(session)
 
     # ---- internals: what clients see ----------------------------------------------------
@@ -936,6 +1058,33 @@ class SessionManager:
             self._drop(session)  # someone else owns it now; the next touch restores
             return
         self._maybe_checkpoint(session)
+
+
+class _Unobserved:
+    """The observer of a manager given none."""
+
+    def observe_eviction(self, seconds: float, tier: str) -> None:
+        pass
+
+    def observe_restore(self, seconds: float, tier: str) -> None:
+        pass
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        pass
+
+    def count_checkpoint_failure(self) -> None:
+        pass
+
+    def observe_wal_sync(self, seconds: float) -> None:
+        pass
+
+
+def _knobs(state: ModelState) -> tuple[float, float]:
+    """A state's mitigation knobs (step scale, forget boost); every layer holds the same."""
+    memory = next((block.memory for block in state.blocks if block.memory is not None), None)
+    if memory is None:
+        return 1.0, 0.0
+    return float(memory.step_scale[0]), float(memory.forget_boost[0])
 
 
 def _check_present(session: _Session) -> None:

@@ -94,6 +94,11 @@ def authenticate(db: Session, api_key: str) -> TenantRow | None:
     return None
 
 
+def find_tenant(db: Session, name: str) -> TenantRow | None:
+    """The tenant named ``name``, or None."""
+    return db.scalars(select(TenantRow).where(TenantRow.name == name)).one_or_none()
+
+
 def get_tenant(db: Session, tenant_id: str) -> TenantRow:
     """The tenant ``tenant_id``; NotFoundError if there is none."""
     tenant = db.get(TenantRow, tenant_id)
@@ -263,14 +268,17 @@ def record_event(
 
 def list_events(
     db: Session,
-    tenant_id: str,
+    tenant_id: str | None,
     *,
     session_id: str | None = None,
     kind: EventKind | None = None,
     limit: int = 100,
 ) -> list[EventRow]:
-    """The tenant's newest events first, optionally of one session and one kind."""
-    query = select(EventRow).where(EventRow.tenant_id == tenant_id)
+    """The tenant's newest events first (every tenant's for None: the operator's view),
+    optionally of one session and one kind."""
+    query = select(EventRow)
+    if tenant_id is not None:
+        query = query.where(EventRow.tenant_id == tenant_id)
     if session_id is not None:
         query = query.where(EventRow.session_id == session_id)
     if kind is not None:

@@ -133,6 +133,25 @@ def test_a_failed_round_starts_over_in_a_new_session():
     assert (result.round, result.recall) == (0, 1.0)  # the failed round is not counted
 
 
+def test_a_failed_round_deletes_its_session():
+    oracle = Oracle()
+    deleted: list[str] = []
+
+    def failing_append(session_id: str, tokens: Sequence[int]) -> None:
+        raise ConnectionError("the server went away")
+
+    def delete(session_id: str) -> None:
+        deleted.append(session_id)
+        raise ConnectionError("still away")  # logged, not raised: the canary goes on
+
+    canary = RecallCanary(oracle.create, failing_append, oracle.query, delete=delete, facts=2)
+    with pytest.raises(ConnectionError, match="went away"):
+        canary.measure()
+    assert deleted == ["s0"] and canary.session_id is None
+    canary.discard()  # nothing left to delete
+    assert deleted == ["s0"]
+
+
 def test_facts_are_about_distinct_words():
     facts = canary_facts(40, random.Random(0))  # the training vocabulary has 40 objects
     words = [QUESTION.fullmatch(f.question).group(1) for f in facts]

@@ -58,16 +58,26 @@ def test_the_hottest_sessions_come_first_up_to_the_limit():
 def test_values_are_formatted_and_unknown_ones_marked():
     rows = [
         row("s", 12345.6, position=1234567, updates_per_1k_tokens=31.25, memory_norm=1234.5678,
-            surprise=0.0123456),
+            surprise=0.0123456, step_scale=0.25, forget_boost=2e-4),
         row("t", None),
+        row("u", None, step_scale=1.0, forget_boost=0.0),
     ]  # fmt: skip
     table = render_top(rows)
     cells = {c.header: list(c.cells) for c in table.columns}
-    assert cells["position"] == ["1,234,567", "0"]
-    assert cells["tokens/s"] == ["12,346", "-"]
-    assert cells["writes/1k tok"] == ["31.2", "-"]
-    assert cells["norm"] == ["1235", "-"]
-    assert cells["surprise"] == ["0.0123", "-"]
+    assert cells["position"] == ["1,234,567", "0", "0"]
+    assert cells["tokens/s"] == ["12,346", "-", "-"]
+    assert cells["writes/1k tok"] == ["31.2", "-", "-"]
+    assert cells["norm"] == ["1235", "-", "-"]
+    assert cells["surprise"] == ["0.0123", "-", "-"]
+    assert cells["mitigation"] == ["step x0.25, forget +0.0002", "-", ""]
+
+
+def test_rows_carry_what_the_server_reports():
+    measured = resident("m", 5000)
+    measured.memory_norm, measured.surprise, measured.step_scale = 21.5, 0.5, 0.5
+    (row_,) = rows_from_resident([measured], {}, seconds=0.0)
+    assert (row_.memory_norm, row_.surprise, row_.step_scale) == (21.5, 0.5, 0.5)
+    assert row_.updates_per_1k_tokens is None  # absent on the wire: not known yet
 
 
 def test_watch_redraws_with_rates_between_polls():

@@ -25,6 +25,8 @@ from memsvc.engine import StreamingEngine
 from memsvc.model.io import save_model
 from memsvc.model.model import MAGModel
 from memsvc.model.tokenizer import VOCAB_SIZE
+from memsvc.obs.guard import GuardConfig
+from memsvc.obs.metrics import ServiceMetrics
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server.app import MemoryServer, ServerConfig
 from memsvc.server.backends import load_engine, open_database
@@ -65,8 +67,15 @@ def create_tenant(database: Database, name: str, **quotas: int) -> TenantKey:
 class ServerThread:
     """A MemoryServer on 127.0.0.1 (a free port), its event loop on a thread of this process."""
 
-    def __init__(self, manager: SessionManager, database: Database, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        database: Database,
+        config: ServerConfig,
+        **options: Any,
+    ) -> None:
         self._args = (manager, database, config, VOCAB_SIZE)
+        self._options = options  # MemoryServer's keyword arguments
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.server: MemoryServer | None = None
@@ -97,7 +106,7 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     async def _start(self) -> int:
-        self.server = MemoryServer(*self._args)
+        self.server = MemoryServer(*self._args, **self._options)
         return await self.server.start()
 
 
@@ -141,15 +150,19 @@ def start_service(
     engine: StreamingEngine,
     config: ServerConfig | None = None,
     manager_class: type[SessionManager] = SessionManager,
+    *,
+    metrics: ServiceMetrics | None = None,
+    guard_config: GuardConfig | None = None,
 ) -> Service:
     """A server on embedded defaults in data_dir (which may hold an earlier server's data),
-    with two new tenants."""
+    with two new tenants; `metrics` observes the manager as well as the server."""
     database = open_database(data_dir, None)
     manager = manager_class(
         ManagerConfig(data_dir=data_dir, max_tokens_per_append=MAX_TOKENS_PER_REQUEST),
         engine=engine,
         database=database,
         tracker=InProcessHotStateTracker(),
+        observer=metrics,
     )
     config = config or ServerConfig(
         address="127.0.0.1:0",
@@ -158,7 +171,9 @@ def start_service(
         max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         shutdown_grace_s=5.0,
     )
-    thread = ServerThread(manager, database, config).start()
+    thread = ServerThread(
+        manager, database, config, metrics=metrics, guard_config=guard_config
+    ).start()
     alice = create_tenant(database, f"alice-{secrets.token_hex(4)}")
     bob = create_tenant(database, f"bob-{secrets.token_hex(4)}")
     channel = grpc.insecure_channel(

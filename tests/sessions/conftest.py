@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from memsvc.engine import StreamingEngine
+from memsvc.sessions.api import SessionObserver
 from memsvc.sessions.manager import ManagerConfig, SessionManager
 from memsvc.store import metadata
 from memsvc.store.database import Database, sqlite_url
@@ -77,7 +78,8 @@ def make_manager(
     engine: StreamingEngine, data_dir: Path, request: pytest.FixtureRequest
 ) -> Iterator[MakeManager]:
     """Builds managers: on the test's data dir and ``database`` unless told otherwise, with
-    the in-process tracker; keyword arguments are ManagerConfig fields. All closed at the end."""
+    the in-process tracker and no observer; keyword arguments are ManagerConfig fields. All
+    closed at the end."""
     managers: list[SessionManager] = []
 
     default_engine = engine
@@ -87,6 +89,7 @@ def make_manager(
         database: Database | None = None,
         tracker: HotStateTracker | None = None,
         engine: StreamingEngine | None = None,
+        observer: SessionObserver | None = None,
         **config: object,
     ) -> SessionManager:
         db = database if database is not None else request.getfixturevalue("database")
@@ -96,6 +99,7 @@ def make_manager(
             engine=engine or default_engine,
             database=db,
             tracker=tracker if tracker is not None else InProcessHotStateTracker(),
+            observer=observer,
         )
         managers.append(manager)
         return manager

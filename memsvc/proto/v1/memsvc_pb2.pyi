@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -260,7 +261,7 @@ class ListResidentRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentSession(_message.Message):
-    __slots__ = ("session_id", "tenant_id", "tier", "state_bytes", "position", "last_access", "pinned")
+    __slots__ = ("session_id", "tenant_id", "tier", "state_bytes", "position", "last_access", "pinned", "updates_per_1k_tokens", "memory_norm", "surprise", "step_scale", "forget_boost")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +269,11 @@ class ResidentSession(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LAST_ACCESS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_PER_1K_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_NORM_FIELD_NUMBER: _ClassVar[int]
+    SURPRISE_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FORGET_BOOST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tenant_id: str
     tier: Tier
@@ -275,7 +281,12 @@ class ResidentSession(_message.Message):
     position: int
     last_access: _timestamp_pb2.Timestamp
     pinned: bool
-    def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state_bytes: _Optional[int] = ..., position: _Optional[int] = ..., last_access: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    updates_per_1k_tokens: float
+    memory_norm: float
+    surprise: float
+    step_scale: float
+    forget_boost: float
+    def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state_bytes: _Optional[int] = ..., position: _Optional[int] = ..., last_access: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., updates_per_1k_tokens: _Optional[float] = ..., memory_norm: _Optional[float] = ..., surprise: _Optional[float] = ..., step_scale: _Optional[float] = ..., forget_boost: _Optional[float] = ...) -> None: ...
 
 class ListResidentResponse(_message.Message):
     __slots__ = ("sessions",)
@@ -347,3 +358,37 @@ class Stats(_message.Message):
     restore_seconds: float
     eviction_seconds: float
     def __init__(self, resident: _Optional[_Mapping[str, int]] = ..., bytes_used: _Optional[_Mapping[str, int]] = ..., budgets: _Optional[_Mapping[str, int]] = ..., evictions: _Optional[int] = ..., restores: _Optional[int] = ..., appends: _Optional[int] = ..., tokens_appended: _Optional[int] = ..., checkpoints: _Optional[int] = ..., corruptions: _Optional[int] = ..., quarantined: _Optional[int] = ..., restore_seconds: _Optional[float] = ..., eviction_seconds: _Optional[float] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("tenant_id", "kind", "session_id", "limit")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    kind: str
+    session_id: str
+    limit: int
+    def __init__(self, tenant_id: _Optional[str] = ..., kind: _Optional[str] = ..., session_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event_id", "tenant_id", "session_id", "kind", "created_at", "payload")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    tenant_id: str
+    session_id: str
+    kind: str
+    created_at: _timestamp_pb2.Timestamp
+    payload: _struct_pb2.Struct
+    def __init__(self, event_id: _Optional[int] = ..., tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., kind: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...

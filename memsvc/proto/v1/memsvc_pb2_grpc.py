@@ -618,6 +618,11 @@ class AdminServiceStub:
                 request_serializer=memsvc_dot_v1_dot_memsvc__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=memsvc_dot_v1_dot_memsvc__pb2.Stats.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/memsvc.v1.AdminService/ListEvents',
+                request_serializer=memsvc_dot_v1_dot_memsvc__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=memsvc_dot_v1_dot_memsvc__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -646,6 +651,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Audit events (mitigations, corruptions, ...), newest first: of one tenant, or of
+        every tenant. INVALID_ARGUMENT for an unknown kind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -663,6 +676,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=memsvc_dot_v1_dot_memsvc__pb2.GetStatsRequest.FromString,
                     response_serializer=memsvc_dot_v1_dot_memsvc__pb2.Stats.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=memsvc_dot_v1_dot_memsvc__pb2.ListEventsRequest.FromString,
+                    response_serializer=memsvc_dot_v1_dot_memsvc__pb2.ListEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -747,6 +765,33 @@ class AdminService:
             '/memsvc.v1.AdminService/GetStats',
             memsvc_dot_v1_dot_memsvc__pb2.GetStatsRequest.SerializeToString,
             memsvc_dot_v1_dot_memsvc__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memsvc.v1.AdminService/ListEvents',
+            memsvc_dot_v1_dot_memsvc__pb2.ListEventsRequest.SerializeToString,
+            memsvc_dot_v1_dot_memsvc__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
