@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +21,13 @@ from memsvc.client.connection import Connection
 from memsvc.client.errors import from_rpc_error
 from memsvc.client.messages import Data, TextDecoder, input_message, prompt_message
 from memsvc.client.retry import RetryPolicy
+from memsvc.client.routing import (
+    Failover,
+    Replicas,
+    conditional_append,
+    parse_addresses,
+    position_hint,
+)
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 
@@ -50,32 +58,49 @@ class AsyncMemoryClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         api_key: str,
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = 60.0,
         retry: RetryPolicy | None = None,
+        failover_s: float = 30.0,
     ) -> None:
-        self.connection = Connection(address, api_key, tls, root_certificates)
+        addresses = parse_addresses(address)
+        self.connection = Connection(addresses[0], api_key, tls, root_certificates)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = self.connection.aio_channel()
-        self.stub = pb_grpc.MemoryServiceStub(self._channel)
+        self.failover_s = failover_s
+        self.replicas: Replicas[tuple[grpc.aio.Channel, pb_grpc.MemoryServiceStub]] = Replicas(
+            addresses, self._connect
+        )
+
+    def _connect(self, address: str) -> tuple[grpc.aio.Channel, pb_grpc.MemoryServiceStub]:
+        channel = dataclasses.replace(self.connection, address=address).aio_channel()
+        return channel, pb_grpc.MemoryServiceStub(channel)
+
+    @property
+    def stub(self) -> pb_grpc.MemoryServiceStub:
+        """A stub on the replica calls without a session go to."""
+        return self.replicas.pick()[1][1]
+
+    def stub_for(self, session_id: str) -> pb_grpc.MemoryServiceStub:
+        """A stub on the session's replica, as far as this client knows."""
+        return self.replicas.pick(session_id)[1][1]
 
     async def create_session(self, name: str = "") -> AsyncSession:
-        info = await self.call(self.stub.CreateSession, pb.CreateSessionRequest(name=name))
+        info = await self.call("CreateSession", pb.CreateSessionRequest(name=name))
         return AsyncSession(self, info)
 
     async def open_session(self, session_id: str) -> AsyncSession:
         """A handle on an existing session (NotFoundError if this tenant has none such)."""
         request = pb.GetSessionRequest(session_id=session_id)
-        return AsyncSession(self, await self.call(self.stub.GetSession, request, idempotent=True))
+        return AsyncSession(self, await self.call("GetSession", request, idempotent=True))
 
     async def list_sessions(self) -> list[pb.Session]:
         request = pb.ListSessionsRequest()
-        return list((await self.call(self.stub.ListSessions, request, idempotent=True)).sessions)
+        return list((await self.call("ListSessions", request, idempotent=True)).sessions)
 
     async def import_session(
         self, chunks: Iterable[bytes] | AsyncIterable[bytes], name: str = ""
@@ -92,24 +117,47 @@ class AsyncMemoryClient:
         return AsyncSession(self, info)
 
     async def call(
-        self, method: Callable[..., Any], request: Any, *, idempotent: bool = False
+        self,
+        method: str,
+        request: Any,
+        *,
+        session_id: str | None = None,
+        idempotent: bool = False,
+        resend: Any = None,
+        on_conflict: Callable[[int], Any] | None = None,
     ) -> Any:
-        """One unary call with the key and the timeout; idempotent ones are retried
-        on UNAVAILABLE. Failures raise typed errors (memsvc.client.errors)."""
-        delays = self.retry.delays() if idempotent else iter(())
+        """One unary call on the session's replica, following redirects; the same rules as
+        `MemoryClient.call`. Failures raise typed errors (memsvc.client.errors)."""
+        failover = Failover(
+            self.replicas,
+            session_id,
+            resendable=idempotent or resend is not None,
+            retry=self.retry,
+            budget_s=self.failover_s,
+        )
         while True:
+            address, (_, stub) = self.replicas.pick(session_id)
             try:
-                return await method(
+                result = await getattr(stub, method)(
                     request, metadata=self.connection.metadata, timeout=self.timeout
                 )
             except grpc.RpcError as error:
-                delay = next(delays, None) if RetryPolicy.retryable(error) else None
+                position = position_hint(error)
+                if failover.resent and on_conflict is not None and position is not None:
+                    return on_conflict(position)
+                delay = failover.after(address, error)
                 if delay is None:
                     raise from_rpc_error(error) from None
+                if failover.resent and resend is not None:
+                    request = resend
                 await asyncio.sleep(delay)
+                continue
+            self.replicas.worked(address)
+            return result
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel, _ in self.replicas.connections():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncMemoryClient:
         return self
@@ -125,16 +173,25 @@ class AsyncSession:
         self.client = client
         self.info = info
         self.id = info.session_id
+        self.position = info.position  # the stream's end, as last seen
 
     async def refresh(self) -> pb.Session:
         request = pb.GetSessionRequest(session_id=self.id)
-        self.info = await self.client.call(self.client.stub.GetSession, request, idempotent=True)
+        self.info = await self.client.call(
+            "GetSession", request, session_id=self.id, idempotent=True
+        )
+        self.position = max(self.position, self.info.position)
         return self.info
 
     async def append(self, data: Data) -> pb.AppendAck:
         """Appends text (str, UTF-8 bytes) or token ids; returns once they are durable."""
-        request = pb.AppendRequest(session_id=self.id, input=input_message(data))
-        return await self.client.call(self.client.stub.Append, request)
+        message = input_message(data)
+        request, resend, on_conflict = conditional_append(self.id, message, self.position)
+        ack = await self.client.call(
+            "Append", request, session_id=self.id, resend=resend, on_conflict=on_conflict
+        )
+        self.position = max(self.position, ack.position)
+        return ack
 
     async def append_stream(
         self, pieces: Iterable[Data] | AsyncIterable[Data], window: int = 4
@@ -153,7 +210,9 @@ class AsyncSession:
                     return
                 yield pb.StreamRequest(request_id=request_id, append=input_message(piece))
 
-        call = self.client.stub.Stream(requests(), metadata=self.client.connection.metadata)
+        call = self.client.stub_for(self.id).Stream(
+            requests(), metadata=self.client.connection.metadata
+        )
         try:
             with _typed_errors():
                 async for response in call:
@@ -169,7 +228,7 @@ class AsyncSession:
         """The answer to `prompt` from a copy of the memory; the session is unchanged.
         sampling: see `memsvc.client.messages.prompt_message`."""
         request = pb.QueryRequest(session_id=self.id, prompt=prompt_message(prompt, sampling))
-        answer = await self.client.call(self.client.stub.Query, request, idempotent=True)
+        answer = await self.client.call("Query", request, session_id=self.id, idempotent=True)
         return answer.text
 
     async def generate(self, prompt: Data, **sampling: Any) -> AsyncIterator[str]:
@@ -178,7 +237,7 @@ class AsyncSession:
         request = pb.GenerateRequest(session_id=self.id, prompt=prompt_message(prompt, sampling))
         decoder = TextDecoder()
         with _typed_errors():
-            async for message in self.client.stub.Generate(
+            async for message in self.client.stub_for(self.id).Generate(
                 request, metadata=self.client.connection.metadata
             ):
                 if text := decoder.feed(message.token_ids):
@@ -188,11 +247,11 @@ class AsyncSession:
 
     async def checkpoint(self) -> pb.CheckpointInfo:
         request = pb.CheckpointRequest(session_id=self.id)
-        return await self.client.call(self.client.stub.Checkpoint, request, idempotent=True)
+        return await self.client.call("Checkpoint", request, session_id=self.id, idempotent=True)
 
     async def fork(self, name: str = "") -> AsyncSession:
         request = pb.ForkSessionRequest(session_id=self.id, name=name)
-        info = await self.client.call(self.client.stub.ForkSession, request)
+        info = await self.client.call("ForkSession", request, session_id=self.id)
         return AsyncSession(self.client, info)
 
     async def export(self, chunk_bytes: int = 0) -> AsyncIterator[bytes]:
@@ -200,11 +259,11 @@ class AsyncSession:
         chunk_bytes 0: the server's default (1 MiB, or less under its message limit)."""
         request = pb.ExportSessionRequest(session_id=self.id, chunk_bytes=chunk_bytes)
         with _typed_errors():
-            async for chunk in self.client.stub.ExportSession(
+            async for chunk in self.client.stub_for(self.id).ExportSession(
                 request, metadata=self.client.connection.metadata
             ):
                 yield chunk.data
 
     async def delete(self) -> None:
         request = pb.DeleteSessionRequest(session_id=self.id)
-        await self.client.call(self.client.stub.DeleteSession, request)
+        await self.client.call("DeleteSession", request, session_id=self.id)

@@ -1,8 +1,12 @@
-"""Retrying idempotent calls: on UNAVAILABLE only, with capped exponential backoff.
+"""Retrying calls on UNAVAILABLE, with capped exponential backoff.
 
 UNAVAILABLE means the call did not reach a serving server (it is down,
-restarting, or shutting down), so repeating a read, a query or a checkpoint is
-safe. Appends and generations change the session and are never repeated.
+restarting, shutting down, or hands the session over), so repeating a read, a
+query or a checkpoint is safe. Appends are repeated only on the condition that
+the stream is still where they start (``expected_position``), and calls that
+never left the client (no connection) are repeated whatever they are
+(``routing.Failover``). The defaults ride out a replica's death: its sessions
+move once their lease (10 s by default) expires.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ class RetryPolicy:
     """attempts counts the first try; delays double from initial_backoff_s up to
     max_backoff_s, each drawn from [d/2, d] so that clients do not retry in step."""
 
-    attempts: int = 6
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
+    attempts: int = 16
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:

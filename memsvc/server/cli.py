@@ -55,6 +55,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--redis-namespace", default="memsvc", help="prefix of the Redis keys")
     serve.add_argument("--node-id", default=socket.gethostname(), help="this replica's name")
+    serve.add_argument(
+        "--advertise-address",
+        help="host:port other replicas send this replica's sessions' clients to "
+        "(default: --address, with a wildcard host replaced by this host's name)",
+    )
+    serve.add_argument(
+        "--lease-ttl-ms",
+        type=int,
+        default=10_000,
+        help="session lease TTL: how long a dead replica's sessions wait to move",
+    )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key")
     serve.add_argument("--max-message-bytes", type=int, default=4 << 20)
@@ -104,6 +115,14 @@ def add_tenants_parser(commands: argparse._SubParsersAction) -> None:
     create.set_defaults(func=run_tenants_create)
 
 
+def advertised(address: str) -> str:
+    """The address other replicas give clients: ``address`` with a wildcard host replaced."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,6 +169,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ManagerConfig(
             data_dir=args.data_dir,
             node_id=args.node_id,
+            advertise_address=args.advertise_address or advertised(args.address),
+            lease_ttl_ms=args.lease_ttl_ms,
             device_budget_bytes=args.device_budget_mb << 20,
             checkpoint_every_tokens=args.checkpoint_every_tokens,
             max_tokens_per_append=args.max_tokens_per_request,

@@ -48,6 +48,7 @@ class _Append:
     tenant_id: str
     session_id: str
     tokens: Sequence[int]
+    expected_position: int | None
     done: asyncio.Future[AppendResult]
     deadline: float | None  # time.monotonic() after which nobody waits for it
     received: float  # time.monotonic() when it was queued
@@ -70,14 +71,22 @@ class Scheduler:
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def append(
-        self, tenant_id: str, session_id: str, tokens: Sequence[int], timeout_s: float | None
+        self,
+        tenant_id: str,
+        session_id: str,
+        tokens: Sequence[int],
+        timeout_s: float | None,
+        expected_position: int | None = None,
     ) -> AppendResult:
         """Appends through the next batched step; returns once the tokens are durable.
-        If timeout_s passes before its step starts, it is dropped (DeadlineExceededError)."""
+        If timeout_s passes before its step starts, it is dropped (DeadlineExceededError).
+        expected_position: see SessionManager.append."""
         done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
         deadline = None if timeout_s is None else now + timeout_s
-        self._queue.append(_Append(tenant_id, session_id, tokens, done, deadline, now))
+        self._queue.append(
+            _Append(tenant_id, session_id, tokens, expected_position, done, deadline, now)
+        )
         self._idle.clear()
         self._wakeup.set()
         return await done
@@ -168,7 +177,15 @@ class Scheduler:
         late = DeadlineExceededError("the deadline passed before the append was applied")
         results: list[AppendResult | Exception] = [late] * len(batch)
         if live:
-            items = [(batch[i].tenant_id, batch[i].session_id, batch[i].tokens) for i in live]
+            items = [
+                (
+                    batch[i].tenant_id,
+                    batch[i].session_id,
+                    batch[i].tokens,
+                    batch[i].expected_position,
+                )
+                for i in live
+            ]
             try:
                 applied = self._manager.append_many(items)
             except Exception as error:  # the whole step failed: each caller hears why

@@ -210,9 +210,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         timeout_s: float | None,
     ) -> AppendResult:
         tokens = checked_tokens(message, self._limits, what)
+        expected = message.expected_position if message.HasField("expected_position") else None
         self._rate.take(tenant, len(tokens))
         try:
-            return await self._scheduler.append(tenant.tenant_id, session_id, tokens, timeout_s)
+            return await self._scheduler.append(
+                tenant.tenant_id, session_id, tokens, timeout_s, expected
+            )
         except Exception:
             self._rate.refund(tenant, len(tokens))
             raise
@@ -221,6 +224,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         """The prompt's tokens and params, and what is charged to the tenant's rate: the
         prompt and the most that may be sampled (refunded if the request fails)."""
         tokens = checked_tokens(prompt.input, self._limits, "prompt.input")
+        if prompt.input.HasField("expected_position"):
+            raise InvalidRequestError("prompt.input.expected_position applies to appends only")
         params = convert.sampling_params(prompt.params)
         charged = len(tokens) + params.max_new_tokens
         self._rate.take(tenant, charged)

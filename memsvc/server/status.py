@@ -7,6 +7,7 @@ builds a status by hand. Anything else is a bug: INTERNAL, logged with its trace
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -14,18 +15,27 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from sqlalchemy.exc import OperationalError
 
 from memsvc.sessions.api import (
     CoordinationUnavailableError,
     IncompatibleStateError,
     InvalidRequestError,
     ManagerClosedError,
+    PositionConflictError,
     QuotaExceededError,
     SessionBusyError,
+    SessionMovedError,
 )
 from memsvc.store.errors import NotFoundError
 
 log = structlog.get_logger(__name__)
+
+# Trailing metadata of a call refused because another replica serves the session: that
+# replica's address. Nothing was done; the SDK sends the call there.
+OWNER_METADATA = "memsvc-owner"
+# Trailing metadata of an append refused for its expected position: the session's position.
+POSITION_METADATA = "memsvc-position"
 
 
 class UnauthenticatedError(Exception):
@@ -51,16 +61,35 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CoordinationUnavailableError, grpc.StatusCode.UNAVAILABLE),  # before its base class
+    (SessionMovedError, grpc.StatusCode.UNAVAILABLE),  # with OWNER_METADATA: see `rpc`
     (SessionBusyError, grpc.StatusCode.ABORTED),
     (IncompatibleStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PositionConflictError, grpc.StatusCode.FAILED_PRECONDITION),  # with POSITION_METADATA
     (ManagerClosedError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # The metadata database cannot be reached (restarting, network): try again later.
+    (OperationalError, grpc.StatusCode.UNAVAILABLE),
 )
+
+
+# A full disk (or quota): the write was refused and nothing acknowledged; retry later.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from) is the disk running out of space."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
 
 
 def status_code(error: Exception) -> grpc.StatusCode:
     """The status a failure is reported with (INTERNAL for anything unexpected)."""
+    if disk_full(error):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     for kind, code in STATUS_CODES:
         if isinstance(error, kind):
             return code
@@ -80,8 +109,16 @@ def rpc(method: F) -> F:
         if code is grpc.StatusCode.INTERNAL:
             log.exception("rpc_failed", method=name)
             await context.abort(code, f"internal error: {type(error).__name__}")
-        log.info("rpc_refused", method=name, code=code.name, reason=str(error))
-        await context.abort(code, str(error))
+        reason = (
+            "the server's disk is full; nothing was written" if disk_full(error) else str(error)
+        )
+        log.info("rpc_refused", method=name, code=code.name, reason=reason)
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(error, SessionMovedError) and error.address:
+            trailing = ((OWNER_METADATA, error.address),)
+        elif isinstance(error, PositionConflictError):
+            trailing = ((POSITION_METADATA, str(error.position)),)
+        await context.abort(code, reason, trailing_metadata=trailing)
 
     if inspect.isasyncgenfunction(method):
 

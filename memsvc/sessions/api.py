@@ -55,6 +55,24 @@ class SessionBusyError(Exception):
     """The session cannot be served now (quarantined after a failure, or being moved)."""
 
 
+class PositionConflictError(Exception):
+    """An append's expected position is not the session's: nothing was applied."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class SessionMovedError(SessionBusyError):
+    """Another node serves the session: ``owner`` (its node id) at ``address`` (None: it is
+    not announcing one, e.g. it died and its lease has yet to expire). Nothing changed."""
+
+    def __init__(self, message: str, owner: str | None = None, address: str | None = None):
+        super().__init__(message)
+        self.owner = owner
+        self.address = address
+
+
 class CoordinationUnavailableError(SessionBusyError):
     """The lease store (Redis) cannot be reached, so ownership cannot be proven; nothing changed.
 

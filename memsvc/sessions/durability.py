@@ -3,6 +3,7 @@
 Layout under the data directory::
 
     sessions/<session id>/wal.log                                    the write-ahead log
+    sessions/<session id>/owner, owner.lock                          the fencing claim (fencing.py)
     sessions/<session id>/checkpoints/ckpt-<generation>.safetensors  checkpoint generations
 
 Writing a checkpoint: the file is made durable first (``checkpoint.py``:
@@ -37,10 +38,12 @@ from sqlalchemy.orm import Session
 from memsvc.model import MAGModel, ModelState, model_hash
 from memsvc.sessions.api import CheckpointInfo
 from memsvc.sessions.checkpoint import CheckpointDirectory, WrittenCheckpoint
+from memsvc.sessions.fencing import Claim, FenceBehindError, OwnerFile
 from memsvc.sessions.wal import WriteAheadLog
 from memsvc.store import metadata
 from memsvc.store.database import Database
 from memsvc.store.durable_files import fsync_directory
+from memsvc.store.errors import StaleFenceError
 from memsvc.store.models import CheckpointRow, EventKind, SessionStatus
 
 log = structlog.get_logger(__name__)
@@ -96,6 +99,20 @@ class SessionStore:
 
     def wal_path(self, session_id: str) -> Path:
         return self.directory(session_id) / WAL_FILE
+
+    def owner(self, session_id: str) -> OwnerFile:
+        """The session's claim file (``fencing.py``)."""
+        return OwnerFile(self.directory(session_id))
+
+    def claim(self, session_id: str, claim: Claim) -> Claim | None:
+        """Makes ``claim`` the session's, in SQL and in its owner file (hold ``owner().locked``);
+        returns the claim it replaced. FenceBehindError if a newer fence is recorded."""
+        try:
+            with self.database.unit_of_work() as db:
+                floor = metadata.claim_session(db, session_id, claim.fence)
+        except StaleFenceError as error:
+            raise FenceBehindError(str(error), error.newest_fence) from error
+        return self.owner(session_id).seize(claim, floor)
 
     def checkpoint_directory(self, session_id: str) -> CheckpointDirectory:
         return CheckpointDirectory(self.directory(session_id) / CHECKPOINTS_DIR)
@@ -176,12 +193,19 @@ class SessionStore:
         state: ModelState,
         wal: WriteAheadLog,
         fence: int,
+        claim: Claim | None = None,
     ) -> CheckpointInfo:
         """Writes, records and prunes a generation, then truncates the log (module docstring).
 
         The checkpoint claims every record in ``wal``, so they are made durable first
-        (an fsync only if some are not yet).
+        (an fsync only if some are not yet). With ``claim`` (a lease holder's:
+        ``fencing.py``), FencedOutError before anything is written if another
+        holder took the session's files, and the log is truncated only under
+        the directory's lock while the claim still stands.
         """
+        owner = self.owner(session_id)
+        if claim is not None:
+            owner.check(claim)
         wal.flush_and_sync()
         # If recording fails the file stays, unrecorded: restore reads only recorded
         # generations, and the next write of this generation replaces it.
@@ -194,7 +218,12 @@ class SessionStore:
             except RuntimeError:  # closed: a checkpoint that was in flight at shutdown
                 self._delete(self.absolute(row.path))
         if oldest_kept - wal.base_offset >= self.truncate_bytes:
-            wal.truncate_before(oldest_kept)
+            if claim is None:
+                wal.truncate_before(oldest_kept)
+            else:
+                with owner.locked():
+                    owner.check(claim)
+                    wal.truncate_before(oldest_kept)
         return info
 
     @staticmethod

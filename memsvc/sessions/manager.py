@@ -47,6 +47,7 @@ like a missing one (SessionNotFoundError).
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -69,6 +70,7 @@ from memsvc.sessions.api import (
     InvalidRequestError,
     ManagerClosedError,
     ManagerStats,
+    PositionConflictError,
     ResidentSession,
     SessionBusyError,
     SessionEvent,
@@ -78,12 +80,13 @@ from memsvc.sessions.api import (
     Tier,
 )
 from memsvc.sessions.durability import SessionStore, StateIdentity
+from memsvc.sessions.fencing import Claim, FenceBehindError, FencedOutError
 from memsvc.sessions.generation import SessionGeneration
 from memsvc.sessions.layout import max_state_bytes
 from memsvc.sessions.ownership import LeaseLostError, LeaseTakenError, Ownership
 from memsvc.sessions.portable import chunked, decode_export, encode_export
 from memsvc.sessions.residency import TIERS_DOWN, ResidencyTable, tier_below
-from memsvc.sessions.restore import UnrecoverableSessionError, restore_session
+from memsvc.sessions.restore import Restored, UnrecoverableSessionError, restore_session
 from memsvc.sessions.wal import CorruptWalHeaderError, WriteAheadLog, read_wal
 from memsvc.store import metadata
 from memsvc.store.database import Database
@@ -109,6 +112,9 @@ class ManagerConfig:
     checkpoint_every_tokens: int = 65536
     checkpoint_every_seconds: float = 300.0
     lease_ttl_ms: int = 30_000
+    # Where clients reach this node (host:port), announced to the cluster so that other
+    # replicas can send a session's clients here; None: a single node, nothing announced.
+    advertise_address: str | None = None
     max_tokens_per_append: int = 1 << 20
     # A session's log is cut (before its oldest kept checkpoint) once that frees this much.
     wal_truncate_bytes: int = 64 << 10
@@ -148,6 +154,7 @@ class _Session:
     memory_norm: float | None = None  # after the last append since the state was loaded
     surprise: float | None = None
     on_disk: bool = False  # it has a log or checkpoints (False: never materialised)
+    claim: Claim | None = None  # this node's claim on the files while it holds the state
     gone: str | None = None  # "deleted" or "quarantined" while a caller waited for it
 
 
@@ -188,6 +195,10 @@ class SessionManager:
         )
         self._database = database
         self._ownership = Ownership(tracker, config.node_id, config.lease_ttl_ms)
+        # Tells this process's claims from those of an earlier run of the same node (fencing.py).
+        self._incarnation = f"{config.node_id}/{secrets.token_hex(8)}"
+        if config.advertise_address is not None:
+            self._ownership.announce(config.advertise_address)
         self._template = engine.init_state()
         self._state_bytes = max_state_bytes(self._template, engine.chunk_size)
         self._host_enabled = engine.device.type == "cuda" and config.host_budget_bytes > 0
@@ -262,32 +273,49 @@ class SessionManager:
 
     # ---- streaming ----------------------------------------------------------------------
 
-    def append(self, tenant_id: str, session_id: str, tokens: Sequence[int]) -> AppendResult:
-        """Appends tokens to the stream; returns once they are durable."""
+    def append(
+        self,
+        tenant_id: str,
+        session_id: str,
+        tokens: Sequence[int],
+        expected_position: int | None = None,
+    ) -> AppendResult:
+        """Appends tokens to the stream; returns once they are durable. With
+        ``expected_position``, PositionConflictError unless the stream is there."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
         ids = self._validate(tokens)
         with self._holding(session):
             state = self._ready(session)
+            _check_position(session, expected_position)
             new_state, stats = self.engine.append(state, ids)
             end = self._log_and_apply(session, ids, new_state)
             return self._acknowledge(session, ids, stats, end)
 
     def append_many(
-        self, items: Sequence[tuple[str, str, Sequence[int]]]
+        self,
+        items: Sequence[
+            tuple[str, str, Sequence[int]] | tuple[str, str, Sequence[int], int | None]
+        ],
     ) -> list[AppendResult | Exception]:
         """Appends to many sessions with batched engine steps; per-item errors are returned.
 
-        Items of one session are applied in order (one per engine step); the
-        results equal appending the items one by one.
+        Items are (tenant, session, tokens[, expected position]). Items of one
+        session are applied in order (one per engine step); the results equal
+        appending the items one by one.
         """
         self._check_open()
         results: list[AppendResult | Exception | None] = [None] * len(items)
-        prepared: list[tuple[int, _Session, Tensor]] = []
-        for index, (tenant_id, session_id, tokens) in enumerate(items):
+        prepared: list[tuple[int, _Session, Tensor, int | None]] = []
+        for index, (tenant_id, session_id, tokens, *expected) in enumerate(items):
             try:
                 prepared.append(
-                    (index, self._resolve(tenant_id, session_id), self._validate(tokens))
+                    (
+                        index,
+                        self._resolve(tenant_id, session_id),
+                        self._validate(tokens),
+                        expected[0] if expected else None,
+                    )
                 )
             except Exception as error:
                 results[index] = error
@@ -697,7 +725,7 @@ class SessionManager:
             self._drop(session, release=False)  # the fresh lease stays: restore from disk
         except LeaseTakenError:
             self._drop(session)
-            raise
+            raise self._ownership.moved(session.id) from None
 
     def _restore(self, session: _Session) -> None:
         """Reads the session back from disk (its lease is held: ``_own``)."""
@@ -708,7 +736,7 @@ class SessionManager:
                 with self._lock:  # reserve the room while the state is read
                     self._table.place(session.id, Tier.DEVICE, self._state_bytes, time.time())
             try:
-                restored = restore_session(self._store, self.engine, session.tenant_id, session.id)
+                restored = self._restore_claimed(session)
             except UnrecoverableSessionError as error:
                 self._store.quarantine(session.tenant_id, session.id, str(error))
                 self._forget(session, "quarantined")
@@ -720,7 +748,7 @@ class SessionManager:
                 self._table.remove(session.id)
             self._ownership.release(session.id)
             raise
-        session.state, session.wal = restored.state, restored.wal
+        session.state, session.wal, session.claim = restored.state, restored.wal, restored.claim
         session.step_scale, session.forget_boost = _knobs(restored.state)
         session.memory_norm = session.surprise = None
         session.position = restored.wal.next_position
@@ -738,6 +766,21 @@ class SessionManager:
         log.debug("session_restored", session=session.id, position=session.position, s=elapsed)
         if restored.fell_back:
             self._checkpoint_if_dirty(session)  # a sound newest generation again
+
+    def _claim(self, session_id: str) -> Claim:
+        lease = self._ownership.lease(session_id)
+        assert lease is not None
+        return Claim(lease.fence, self.config.node_id, self._incarnation)
+
+    def _restore_claimed(self, session: _Session) -> Restored:
+        """``restore_session`` under this node's claim; a claim behind the fences on disk
+        (the lease store lost its counters) has its fence raised once and tries again."""
+        restore = (self._store, self.engine, session.tenant_id, session.id)
+        try:
+            return restore_session(*restore, self._claim(session.id))
+        except FenceBehindError as error:
+            self._ownership.raise_fence(session.id, error.floor)
+        return restore_session(*restore, self._claim(session.id))
 
     def _place(self, session: _Session, tier: Tier) -> None:
         assert session.state is not None
@@ -800,7 +843,8 @@ class SessionManager:
         """Forgets the in-memory state and closes the log (everything in it is durable)."""
         if session.wal is not None:
             session.wal.close()
-        session.state, session.wal = None, None
+        session.state, session.wal, session.claim = None, None, None
+        session.position = None  # another node may move it on: read it from disk again
         with self._lock:
             self._table.remove(session.id)
         if release:
@@ -827,7 +871,20 @@ class SessionManager:
             self._drop(session)
             raise
         self._observer.observe_wal_sync(time.perf_counter() - started)
+        self._check_claim(session)
         return end
+
+    def _check_claim(self, session: _Session) -> None:
+        """SessionMovedError (the state dropped, nothing acknowledged) if another node seized
+        the session's files; read after each fsync, before anything is acknowledged."""
+        if session.claim is None:
+            return
+        try:
+            self._store.owner(session.id).check(session.claim)
+        except FencedOutError as error:
+            log.warning("session_fenced_out", session=session.id, reason=str(error))
+            self._drop(session)
+            raise self._ownership.moved(session.id) from error
 
     def _sync_all(self, sessions: list[_Session]) -> list[int | Exception]:
         """``_sync`` of several logs at once (concurrent fsyncs share the disk's flushes);
@@ -881,7 +938,7 @@ class SessionManager:
 
     def _append_batch(
         self,
-        batch: list[tuple[int, _Session, Tensor]],
+        batch: list[tuple[int, _Session, Tensor, int | None]],
         results: list[AppendResult | Exception | None],
     ) -> None:
         """One engine step over sessions that each appear once; errors land in ``results``."""
@@ -891,10 +948,12 @@ class SessionManager:
                 self._acquire(item[1])
                 held.append(item[1])
             ready = []
-            for index, session, ids in batch:
+            for index, session, ids, expected in batch:
                 try:
                     _check_present(session)
-                    ready.append((index, session, ids, self._ready(session)))
+                    state = self._ready(session)
+                    _check_position(session, expected)
+                    ready.append((index, session, ids, state))
                 except Exception as error:
                     results[index] = error
             if not ready:
@@ -947,12 +1006,17 @@ class SessionManager:
         try:
             lease = self._ownership.keep(session.id)
             info = self._store.checkpoint(
-                session.id, session.generation + 1, session.state, session.wal, lease.fence
+                session.id,
+                session.generation + 1,
+                session.state,
+                session.wal,
+                lease.fence,
+                claim=session.claim,
             )
-        except StaleFenceError as error:
+        except (StaleFenceError, FencedOutError) as error:
             self._observer.count_checkpoint_failure()
             self._drop(session)
-            raise SessionBusyError(f"session {session.id} is owned by another node") from error
+            raise self._ownership.moved(session.id) from error
         except BaseException:
             self._observer.count_checkpoint_failure()
             raise
@@ -979,7 +1043,12 @@ class SessionManager:
                     raise InvalidRequestError(f"unknown tenant {tenant_id}") from error
                 session_id = row.id
                 lease = self._ownership.acquire(session_id)
+                row.fence = lease.fence
+                claim = Claim(lease.fence, self.config.node_id, self._incarnation)
                 try:
+                    owner = self._store.owner(session_id)
+                    with owner.locked():
+                        owner.seize(claim)
                     self._store.create_log(session_id, offset=0, position=position).close()
                     written = self._store.write_file(session_id, 1, state, wal_offset=0)
                     info, _, _ = self._store.record(db, session_id, 1, written, lease.fence)
@@ -1038,6 +1107,7 @@ class SessionManager:
         """Renews leases of sessions in memory and writes the time-based checkpoints."""
         interval = min(self.config.lease_ttl_ms / 6000, self.config.checkpoint_every_seconds / 2)
         while not self._stop.wait(max(interval, 0.01)):
+            self._announce()
             with self._lock:
                 sessions = [self._sessions.get(sid) for sid, _ in self._table.items()]
             for session in filter(None, sessions):
@@ -1050,6 +1120,10 @@ class SessionManager:
                     log.warning("maintenance_failed", session=session.id, error=repr(error))
                 finally:
                     self._release(session)
+
+    def _announce(self) -> None:
+        if self.config.advertise_address is not None:
+            self._ownership.announce(self.config.advertise_address)
 
     def _maintain_session(self, session: _Session) -> None:
         try:
@@ -1101,11 +1175,23 @@ def _check_name(name: str) -> None:
         )
 
 
-def _rounds(
-    items: list[tuple[int, _Session, Tensor]],
-) -> list[list[tuple[int, _Session, Tensor]]]:
+def _check_position(session: _Session, expected: int | None) -> None:
+    """PositionConflictError unless the stream is at ``expected`` (None: anywhere)."""
+    if expected is not None and session.position != expected:
+        assert session.position is not None
+        raise PositionConflictError(
+            f"session {session.id} is at position {session.position}, the append expected "
+            f"{expected}",
+            session.position,
+        )
+
+
+_Item = tuple[int, _Session, Tensor, int | None]
+
+
+def _rounds(items: list[_Item]) -> list[list[_Item]]:
     """Splits items into engine steps where each session appears at most once, in item order."""
-    rounds: list[list[tuple[int, _Session, Tensor]]] = []
+    rounds: list[list[_Item]] = []
     seen: dict[str, int] = {}
     for item in items:
         n = seen.get(item[1].id, 0)

@@ -29,7 +29,11 @@ from dataclasses import dataclass
 import structlog
 from redis.exceptions import RedisError
 
-from memsvc.sessions.api import CoordinationUnavailableError, SessionBusyError, Tier
+from memsvc.sessions.api import (
+    CoordinationUnavailableError,
+    SessionMovedError,
+    Tier,
+)
 from memsvc.store.hot_state import HotState, HotStateTracker, Lease
 
 log = structlog.get_logger(__name__)
@@ -38,7 +42,7 @@ log = structlog.get_logger(__name__)
 TOUCH_INTERVAL_S = 1.0
 
 
-class LeaseTakenError(SessionBusyError):
+class LeaseTakenError(SessionMovedError):
     """Another node took the session's lease after this node's lapsed: drop this node's copy."""
 
 
@@ -84,11 +88,59 @@ class Ownership:
                 f"session {session_id}: the lease store is unreachable ({error})"
             ) from error
         if lease is None:
-            owner = holder.node if holder is not None else "another node"
-            raise SessionBusyError(f"session {session_id} is owned by {owner}")
+            raise self._moved(session_id, holder)
         with self._lock:
             self._held[session_id] = _Held(lease, self._clock())
         return lease
+
+    def moved(self, session_id: str) -> SessionMovedError:
+        """The error that sends a client to the session's current owner (looked up now)."""
+        try:
+            holder = self.tracker.lease_holder(session_id)
+        except RedisError:
+            holder = None
+        return self._moved(session_id, holder)
+
+    def _moved(self, session_id: str, holder: Lease | None) -> SessionMovedError:
+        if holder is None:  # released in between: the next try takes it
+            return SessionMovedError(f"session {session_id} is changing owner; try again")
+        try:
+            address = self.tracker.node_address(holder.node)
+        except RedisError:
+            address = None
+        where = f", serving at {address}" if address else " (no address announced)"
+        return SessionMovedError(
+            f"session {session_id} is owned by {holder.node}{where}", holder.node, address
+        )
+
+    def raise_fence(self, session_id: str, floor: int) -> Lease:
+        """Re-issues the held lease with a fence above ``floor`` (fences on disk outlived the
+        tracker's counter); SessionMovedError if the lease is not held any more."""
+        with self._lock:
+            held = self._held.get(session_id)
+        try:
+            raised = (
+                None if held is None else self.tracker.raise_fence(held.lease, floor, self.ttl_ms)
+            )
+        except RedisError as error:
+            raise CoordinationUnavailableError(
+                f"session {session_id}: the lease store is unreachable ({error})"
+            ) from error
+        if raised is None:
+            with self._lock:
+                self._held.pop(session_id, None)
+            raise self.moved(session_id)
+        log.warning("fence_raised", session=session_id, fence=raised.fence, floor=floor)
+        with self._lock:
+            self._held[session_id] = _Held(raised, self._clock())
+        return raised
+
+    def announce(self, address: str) -> None:
+        """Tells the cluster where this node serves, for a lease TTL (best effort)."""
+        try:
+            self.tracker.register_node(self.node, address, self.ttl_ms)
+        except RedisError as error:
+            log.warning("node_announce_failed", node=self.node, error=str(error))
 
     def lease(self, session_id: str) -> Lease | None:
         """The lease this node holds on the session, if any."""

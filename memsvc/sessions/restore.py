@@ -16,6 +16,11 @@ Recovery, step by step:
 4. The records after the checkpoint are replayed through the engine in one
    append (any split of a stream gives the same state).
 
+A restore by a lease holder first seizes the session (``fencing.py``): its
+claim goes to SQL and to the owner file, and the log is copied to a new file,
+so a replica that lost the lease can neither get a write acknowledged nor
+write into the log this node continues.
+
 Checkpoint files without a row (pruned, or written by a crashed checkpoint
 before its row committed) are deleted first: nothing refers to them.
 
@@ -38,7 +43,9 @@ from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
 from memsvc.sessions.checkpoint import CheckpointError, newest_valid_checkpoint
 from memsvc.sessions.durability import SessionStore
+from memsvc.sessions.fencing import Claim
 from memsvc.sessions.wal import CorruptWalHeaderError, DamageKind, WriteAheadLog
+from memsvc.store.models import CheckpointRow
 
 log = structlog.get_logger(__name__)
 
@@ -56,15 +63,33 @@ class Restored:
     generation: int  # newest recorded generation (0: none yet)
     checkpoint_position: int  # position of the checkpoint the state was built from (0: none)
     fell_back: bool  # the newest recorded checkpoint was unusable: an older one (or none) served
+    claim: Claim | None = None  # the claim the files were seized with
 
 
 def restore_session(
-    store: SessionStore, engine: StreamingEngine, tenant_id: str, session_id: str
+    store: SessionStore,
+    engine: StreamingEngine,
+    tenant_id: str,
+    session_id: str,
+    claim: Claim | None = None,
 ) -> Restored:
-    """Rebuilds the session's state from its files (module docstring)."""
-    rows = store.generations(session_id)
-    store.remove_unrecorded(session_id, rows)
-    wal = _open_log(store, tenant_id, session_id)
+    """Rebuilds the session's state from its files (module docstring).
+
+    With ``claim`` (the restoring lease holder's), the session is seized first
+    (``fencing.py``): FenceBehindError if a newer claim is recorded.
+    """
+    if claim is None:
+        rows, wal = _read_files(store, tenant_id, session_id)
+    else:
+        with store.owner(session_id).locked():
+            previous = store.claim(session_id, claim)
+            rows, wal = _read_files(store, tenant_id, session_id)
+            if wal is not None and (previous is None or previous.incarnation != claim.incarnation):
+                try:
+                    wal.rotate()  # a fenced-out writer's descriptor no longer reaches the log
+                except BaseException:
+                    wal.close()
+                    raise
     try:
         floor = 0 if wal is None else wal.base_offset
         reachable = [row for row in rows if row.wal_offset >= floor or wal is None]
@@ -106,7 +131,17 @@ def restore_session(
         checkpoint_position=0 if checkpoint is None else checkpoint.header.position,
         fell_back=bool(rows)
         and (checkpoint is None or checkpoint.path != store.absolute(rows[0].path)),
+        claim=claim,
     )
+
+
+def _read_files(
+    store: SessionStore, tenant_id: str, session_id: str
+) -> tuple[list[CheckpointRow], WriteAheadLog | None]:
+    """The recorded generations (files without a row removed) and the opened log."""
+    rows = store.generations(session_id)
+    store.remove_unrecorded(session_id, rows)
+    return rows, _open_log(store, tenant_id, session_id)
 
 
 def _open_log(store: SessionStore, tenant_id: str, session_id: str) -> WriteAheadLog | None:

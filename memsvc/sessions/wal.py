@@ -261,6 +261,7 @@ class WriteAheadLog:
         self.path = path
         self.recovered_damage = reader.damage
         self._base_offset = header.base_offset
+        self._base_position = header.base_position
         self._end_offset = reader.end_offset
         self._durable_offset = durable
         self._next_position = reader.next_position
@@ -404,22 +405,44 @@ class WriteAheadLog:
             if reader.damage is not None:
                 raise WalError(f"{self.path}: damaged at offset {reader.damage.offset}")
             position = reader.next_position if first_position is None else first_position
-            header = _Header(base_offset=offset, base_position=position)
-            keep_from = HEADER_SIZE + offset - self._base_offset
+            self._rewrite(offset, position)
 
-            def write(file: BinaryIO) -> None:
-                file.write(_encode_header(header))
-                with open(self.path, "rb") as old:
-                    old.seek(keep_from)
-                    while chunk := old.read(1 << 20):
-                        file.write(chunk)
+    def rotate(self) -> None:
+        """Copies the log into a new file renamed over its path (offsets unchanged).
 
-            write_atomically(self.path, write)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            os.close(self._fd)
-            self._fd = fd
-            self._base_offset = offset
-            self._durable_offset = self._end_offset  # the new file was fsynced whole
+        Another process that still has the old file open (a writer fenced out:
+        ``memsvc.sessions.fencing``) then writes only to the orphaned old file.
+        The copy ends at ``end_offset``: bytes someone appended past what this
+        log read are not carried over.
+        """
+        with self._sync_lock, self._lock:
+            self._check_usable()
+            self._rewrite(self._base_offset, self._base_position)
+
+    def _rewrite(self, offset: int, position: int) -> None:
+        """The records from ``offset`` (at ``position``) to ``end_offset`` in a new file
+        renamed over the log (both locks held)."""
+        header = _Header(base_offset=offset, base_position=position)
+        keep_from = HEADER_SIZE + offset - self._base_offset
+        remaining = self._end_offset - offset
+
+        def write(file: BinaryIO) -> None:
+            file.write(_encode_header(header))
+            with open(self.path, "rb") as old:
+                old.seek(keep_from)
+                left = remaining
+                while left > 0 and (chunk := old.read(min(left, 1 << 20))):
+                    file.write(chunk)
+                    left -= len(chunk)
+                if left:
+                    raise WalError(f"{self.path}: {left} bytes short while copying the log")
+
+        write_atomically(self.path, write)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        os.close(self._fd)
+        self._fd = fd
+        self._base_offset, self._base_position = offset, position
+        self._durable_offset = self._end_offset  # the new file was fsynced whole
 
     def _check_usable(self) -> None:
         if self._fd < 0:

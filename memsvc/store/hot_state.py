@@ -114,6 +114,20 @@ class HotStateTracker(Protocol):
         """The newest fence issued for the session; 0 before the first lease."""
         ...
 
+    def raise_fence(self, lease: Lease, floor: int, ttl_ms: int) -> Lease | None:
+        """Re-issues a held lease with a fence above ``floor`` (and above every fence issued),
+        for ``ttl_ms``; None if ``lease`` is not held. For a tracker that lost its counters
+        (a Redis restart): fences must keep growing past those already on disk."""
+        ...
+
+    def register_node(self, node: str, address: str, ttl_ms: int) -> None:
+        """Announces that ``node`` serves at ``address`` for the next ``ttl_ms``."""
+        ...
+
+    def node_address(self, node: str) -> str | None:
+        """Where ``node`` serves, if it announced itself within its TTL."""
+        ...
+
 
 def _check_ttl(ttl_ms: int) -> None:
     if ttl_ms <= 0:
@@ -138,6 +152,7 @@ class InProcessHotStateTracker:
         self._states: dict[str, HotState] = {}
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._fences: dict[str, int] = {}
+        self._nodes: dict[str, tuple[str, float]] = {}
 
     def set(self, state: HotState) -> None:
         with self._lock:
@@ -214,6 +229,29 @@ class InProcessHotStateTracker:
         with self._lock:
             return self._fences.get(session_id, 0)
 
+    def raise_fence(self, lease: Lease, floor: int, ttl_ms: int) -> Lease | None:
+        _check_ttl(ttl_ms)
+        with self._lock:
+            if self._live_lease(lease.session_id) != lease:
+                return None
+            fence = max(self._fences.get(lease.session_id, 0), floor) + 1
+            self._fences[lease.session_id] = fence
+            raised = Lease(lease.session_id, lease.node, fence)
+            self._leases[lease.session_id] = (raised, self._clock() + ttl_ms / 1000)
+            return raised
+
+    def register_node(self, node: str, address: str, ttl_ms: int) -> None:
+        _check_ttl(ttl_ms)
+        with self._lock:
+            self._nodes[node] = (address, self._clock() + ttl_ms / 1000)
+
+    def node_address(self, node: str) -> str | None:
+        with self._lock:
+            entry = self._nodes.get(node)
+        if entry is None or self._clock() >= entry[1]:
+            return None
+        return entry[0]
+
 
 # Scripts make each read-modify-write atomic. Per-node LRU keys are derived from
 # ARGV (the node is only known inside the script): standalone Redis only.
@@ -253,6 +291,13 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+_RAISE_FENCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[2])) + 1
+redis.call('SET', KEYS[2], fence)
+redis.call('SET', KEYS[1], fence .. ':' .. ARGV[3], 'PX', ARGV[4])
+return fence
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -264,8 +309,10 @@ class RedisHotStateTracker:
 
     Keys: ``<ns>:state:<session>`` (hash), ``<ns>:lru`` and ``<ns>:lru:<node>``
     (sorted sets scored by last access), ``<ns>:lease:<session>`` (string with
-    a PX expiry) and ``<ns>:fence:<session>`` (counter, never expires, so fences
-    only grow). ``client`` must decode responses (``decode_responses=True``).
+    a PX expiry), ``<ns>:fence:<session>`` (counter, never expires, so fences
+    only grow while Redis keeps its data; ``raise_fence`` repairs a counter
+    lost with it) and ``<ns>:node:<node>`` (its address, with a PX expiry).
+    ``client`` must decode responses (``decode_responses=True``).
     """
 
     def __init__(self, client: redis.Redis, namespace: str = "memsvc") -> None:
@@ -279,6 +326,7 @@ class RedisHotStateTracker:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._raise_fence = client.register_script(_RAISE_FENCE)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._ns, *parts))
@@ -382,3 +430,18 @@ class RedisHotStateTracker:
     def current_fence(self, session_id: str) -> int:
         fence = self._redis.get(self._key("fence", session_id))
         return 0 if fence is None else int(fence)
+
+    def raise_fence(self, lease: Lease, floor: int, ttl_ms: int) -> Lease | None:
+        _check_ttl(ttl_ms)
+        fence = self._raise_fence(
+            keys=[self._key("lease", lease.session_id), self._key("fence", lease.session_id)],
+            args=[lease.token, int(floor), lease.node, ttl_ms],
+        )
+        return None if fence is None else Lease(lease.session_id, lease.node, int(fence))
+
+    def register_node(self, node: str, address: str, ttl_ms: int) -> None:
+        _check_ttl(ttl_ms)
+        self._redis.set(self._key("node", node), address, px=ttl_ms)
+
+    def node_address(self, node: str) -> str | None:
+        return self._redis.get(self._key("node", node))

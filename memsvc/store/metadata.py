@@ -169,6 +169,31 @@ def delete_session(db: Session, tenant_id: str, session_id: str) -> SessionRow:
     return session
 
 
+def claim_session(db: Session, session_id: str, fence: int) -> int:
+    """Records that the holder of lease ``fence`` took the session; returns the newest fence
+    recorded for it before (its checkpoints' included).
+
+    Raises StaleFenceError if a newer fence is recorded already, NotFoundError
+    if the session is missing or deleted. Checkpoints recorded with an older
+    fence are refused from then on (``record_checkpoint``).
+    """
+    session = db.scalars(
+        select(SessionRow)
+        .where(SessionRow.id == session_id, SessionRow.deleted.is_(False))
+        .with_for_update()
+    ).one_or_none()
+    if session is None:
+        raise NotFoundError(f"session {session_id} not found")
+    newest = db.scalar(
+        select(func.max(CheckpointRow.fence)).where(CheckpointRow.session_id == session_id)
+    )
+    newest = max(newest or 0, session.fence)
+    if fence < newest:
+        raise StaleFenceError(session_id, fence, newest)
+    session.fence = fence
+    return newest
+
+
 def record_checkpoint(
     db: Session,
     session_id: str,
@@ -200,7 +225,8 @@ def record_checkpoint(
             CheckpointRow.session_id == session_id
         )
     ).one()
-    if newest_fence is not None and fence < newest_fence:
+    newest_fence = max(newest_fence or 0, session.fence)
+    if fence < newest_fence:
         raise StaleFenceError(session_id, fence, newest_fence)
     if newest_generation is not None and generation <= newest_generation:
         raise GenerationConflictError(

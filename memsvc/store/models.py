@@ -144,6 +144,8 @@ class SessionRow(Base):
         default=SessionStatus.ACTIVE,
     )
     deleted: Mapped[bool] = mapped_column(default=False)
+    # The newest lease fence that claimed the session (memsvc.sessions.fencing).
+    fence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class CheckpointRow(Base):

@@ -18,6 +18,7 @@ import pytest
 
 from memsvc.client import MemoryClient, Session
 from memsvc.client.errors import UnavailableError
+from memsvc.client.retry import NO_RETRY
 from memsvc.server.backends import open_database
 from memsvc.server.process import ServerProcess
 from memsvc.store import migrate
@@ -73,7 +74,8 @@ def test_sessions_survive_a_restart(backend: Backend, tmp_path: Path) -> None:
 def _restart_between_writes_and_reads(server: ServerProcess, tenant: TenantKey) -> None:
     server.start()
     context, question = _haystack()
-    with MemoryClient(server.address, tenant.api_key) as client:
+    # No retries: a stream ends when its server stops (tests/cluster shows them resuming).
+    with MemoryClient(server.address, tenant.api_key, retry=NO_RETRY) as client:
         session = client.create_session("notes")
         acks = list(session.append_stream(_pieces(context)))
         assert [a.position for a in acks] == [
@@ -144,7 +146,7 @@ def _crash_between_writes_and_reads(server: ServerProcess, tenant: TenantKey) ->
     context, question = _haystack(seed=1)
     pieces = _pieces(context)
     acked = 0
-    with MemoryClient(server.address, tenant.api_key) as client:
+    with MemoryClient(server.address, tenant.api_key, retry=NO_RETRY) as client:
         session = client.create_session("crash")
         with pytest.raises(UnavailableError):
             for ack in session.append_stream(pieces, window=4):

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memsvc.client import MemoryClient, RetryPolicy
 from memsvc.client.errors import UnavailableError
+from memsvc.client.retry import NO_RETRY
 from memsvc.engine import StreamingEngine
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.server.app import ServerConfig
@@ -109,7 +110,8 @@ def test_stop_goes_not_serving_and_ends_idle_streams(
     health = health_pb2_grpc.HealthStub(service.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service="memsvc.v1.MemoryService"))
     assert next(watch).status == SERVING
-    with MemoryClient(service.address, service.alice.api_key) as client:
+    # No retries: the stream's end is the point (a cluster's client resumes elsewhere).
+    with MemoryClient(service.address, service.alice.api_key, retry=NO_RETRY) as client:
         session = client.create_session()
         pieces = iter([[65] * 10])
         idle = threading.Event()

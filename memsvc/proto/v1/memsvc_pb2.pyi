@@ -75,12 +75,14 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Input(_message.Message):
-    __slots__ = ("token_ids", "text")
+    __slots__ = ("token_ids", "text", "expected_position")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: bytes
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ...) -> None: ...
+    expected_position: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[bytes] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "max_new_tokens", "stop", "allow_eos", "seed")
