@@ -94,3 +94,23 @@ def chunk_write(
             new_s.append(s_new.addcmul_(s0, coef.e.view(-1, 1, 1)))
         new_w.append(m_new)
     return ChunkWrite(weights=new_w, momentum=new_s, surprise_sq=surprise_sq, reads=reads)
+
+
+def fused_chunk_write(
+    config: MemoryConfig,
+    arch: MLPMemory,
+    objective: Objective,
+    optimizer: InnerOptimizer,
+    weights: list[Tensor],
+    momentum: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor,
+    q: Tensor | None = None,
+) -> ChunkWrite:
+    """`chunk_write` through kernels.lmm's dispatch point: its Triton kernel (one launch for
+    all N memories) where it applies (CUDA, Triton importable, float32 / bfloat16, no
+    autograd through the update), `chunk_write` itself otherwise."""
+    from kernels.lmm import chunk_update  # on first use: kernels.lmm builds on this module
+
+    return chunk_update(config, weights, momentum, k, v, gates, q)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memsvc.memory.chunk import chunk_write
+from memsvc.memory.chunk import chunk_write, fused_chunk_write
 from memsvc.memory.config import MemoryConfig
 from memsvc.memory.delta import DeltaPlan, delta_chunk, delta_plan
 from memsvc.memory.gate import WriteGate
@@ -256,7 +256,8 @@ class NeuralMemory(nn.Module):
                 outputs.append(step.outputs)
                 new_weights, new_momentum, surprise_sq = [step.weights], [], step.surprise_sq
             elif complete:
-                write = chunk_write(
+                write_chunk = fused_chunk_write if keys.is_cuda else chunk_write
+                write = write_chunk(
                     cfg, self.arch, self.objective, self.optimizer, weights, momentum,
                     keys[:, span], values[:, span], gates[:, span], q,
                 )  # fmt: skip
