@@ -69,7 +69,9 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
     logits[:, banned] = float("-inf")
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so the largest is 0 first: dividing by a tiny temperature then gives -inf,
+    # never inf (inf - inf is NaN in the softmax).
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -36,6 +36,7 @@ from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server.admin import AdminServicer
 from memsvc.server.auth import Authenticator
 from memsvc.server.canary import ServiceCanary
+from memsvc.server.decoding import DecodingInterceptor
 from memsvc.server.guards import StreamGuards, default_guard_config
 from memsvc.server.limits import Limits
 from memsvc.server.rpc_metrics import RpcMetricsInterceptor
@@ -136,7 +137,7 @@ class MemoryServer:
         self.scheduler.start()
         server = grpc.aio.server(
             options=self.config.grpc_options(),
-            interceptors=[RpcMetricsInterceptor(self.metrics)],
+            interceptors=[RpcMetricsInterceptor(self.metrics), DecodingInterceptor()],
         )
         pb_grpc.add_MemoryServiceServicer_to_server(
             MemoryServicer(

@@ -134,9 +134,8 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
 
 def eviction_tier(tier: pb.Tier) -> Tier:
     if tier not in EVICTION_TIERS:
-        raise InvalidRequestError(
-            f"cannot evict to {pb.Tier.Name(tier)}: use TIER_HOST or TIER_DISK"
-        )
+        name = pb.Tier.Name(tier) if tier in pb.Tier.values() else f"tier {tier}"
+        raise InvalidRequestError(f"cannot evict to {name}: use TIER_HOST or TIER_DISK")
     return EVICTION_TIERS[tier]
 
 

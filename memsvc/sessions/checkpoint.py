@@ -246,11 +246,14 @@ def _metadata(path: Path, data: bytes) -> dict[str, str]:
         raise CorruptCheckpointError(path, "truncated: the safetensors header runs past the end")
     try:
         header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # RecursionError: JSON nested deeper than the interpreter's recursion limit.
         raise CorruptCheckpointError(path, f"unparsable safetensors header ({error})") from error
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(path, "no metadata: not a memsvc checkpoint")
+    if not all(isinstance(value, str) for value in metadata.values()):
+        raise CorruptCheckpointError(path, "metadata values must be strings")
     return {
         key.removeprefix(_KEY_PREFIX): value
         for key, value in metadata.items()

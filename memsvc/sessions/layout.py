@@ -20,6 +20,9 @@ from memsvc.model import ModelState
 from memsvc.sessions.api import IncompatibleStateError
 
 PENDING_AXIS = 2  # the token axis of a partial-chunk buffer: (B, H, P, ...)
+# Stream positions and counters: a state above this could not take another 2**62 tokens
+# without overflowing int64.
+MAX_COUNTER = 2**62
 
 
 def is_pending_buffer(name: str) -> bool:
@@ -54,8 +57,13 @@ def check_state_layout(
         raise IncompatibleStateError(
             f"partial-chunk lengths {sorted(pending)}: must be one length below {chunk_size}"
         )
-    if int(tensors["position"].min()) < 0:
-        raise IncompatibleStateError("negative stream position")
+    for name, tensor in tensors.items():
+        if (
+            not tensor.is_floating_point()
+            and tensor.numel()
+            and not (int(tensor.min()) >= 0 and int(tensor.max()) <= MAX_COUNTER)
+        ):
+            raise IncompatibleStateError(f"{name}: counters must lie in [0, 2**62]")
     return ModelState.from_dict(dict(tensors))
 
 
