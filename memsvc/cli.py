@@ -13,6 +13,7 @@ from memsvc.client.cli import add_sessions_parser
 from memsvc.client.demo import add_demo_parser
 from memsvc.eval.cli import add_niah_parser
 from memsvc.obs.top import add_top_parser
+from memsvc.reliability.cli import add_reliability_parser
 from memsvc.server.cli import add_serve_parser, add_tenants_parser
 from memsvc.store.cli import add_db_parser
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     lmm.set_defaults(func=_bench_lmm)
     add_serve_bench_parser(benches)
     add_swap_bench_parser(benches)
+    add_reliability_parser(benches)
     return parser
 
 
