@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -20,6 +19,7 @@ import grpc
 from memsvc.client.connection import Connection
 from memsvc.client.errors import from_rpc_error
 from memsvc.client.messages import Data, TextDecoder, input_message, prompt_message
+from memsvc.client.resume import StreamLedger
 from memsvc.client.retry import RetryPolicy
 from memsvc.client.routing import (
     Failover,
@@ -32,7 +32,6 @@ from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-_END = object()
 
 
 @contextlib.contextmanager
@@ -197,32 +196,11 @@ class AsyncSession:
         self, pieces: Iterable[Data] | AsyncIterable[Data], window: int = 4
     ) -> AsyncIterator[pb.AppendAck]:
         """Appends each piece over one stream, with at most `window` unacknowledged;
-        yields their acknowledgements in order. Faster than `append` in a loop."""
-        in_flight = asyncio.Semaphore(window)
-
-        async def requests() -> AsyncIterator[pb.StreamRequest]:
-            yield pb.StreamRequest(open=pb.OpenStream(session_id=self.id))
-            remaining = aiter(_each(pieces))
-            for request_id in itertools.count(1):
-                await in_flight.acquire()  # room first, then the next piece
-                piece = await anext(remaining, _END)
-                if piece is _END:
-                    return
-                yield pb.StreamRequest(request_id=request_id, append=input_message(piece))
-
-        call = self.client.stub_for(self.id).Stream(
-            requests(), metadata=self.client.connection.metadata
-        )
-        try:
-            with _typed_errors():
-                async for response in call:
-                    if response.HasField("ack"):
-                        in_flight.release()
-                        yield response.ack
-                    else:
-                        self.info = response.opened
-        finally:
-            call.cancel()
+        yields their acknowledgements in order. Faster than `append` in a loop. Resumes
+        on the session's next owner if its replica fails (`Session.append_stream`)."""
+        stream = _AsyncResumableStream(self, pieces, window)
+        async for ack in stream.run():
+            yield ack
 
     async def query(self, prompt: Data, **sampling: Any) -> str:
         """The answer to `prompt` from a copy of the memory; the session is unchanged.
@@ -267,3 +245,104 @@ class AsyncSession:
     async def delete(self) -> None:
         request = pb.DeleteSessionRequest(session_id=self.id)
         await self.client.call("DeleteSession", request, session_id=self.id)
+
+
+class _AsyncResumableStream:
+    """`AsyncSession.append_stream`: one Stream call per replica it takes.
+
+    The caller's pieces are pulled by a task of their own into a queue of one, so
+    that ending a call (which cancels its request iterator) never cancels the
+    caller's iterator half-way."""
+
+    def __init__(
+        self, session: AsyncSession, pieces: Iterable[Data] | AsyncIterable[Data], window: int
+    ) -> None:
+        self.session = session
+        self.pieces = pieces
+        self.ledger = StreamLedger(session.id, window)
+        self.room = asyncio.Condition()  # the window has room, or the attempt ended
+        self.queue: asyncio.Queue[pb.Input | None] = asyncio.Queue(maxsize=1)
+        self.carried: list[pb.Input] = []  # taken by an attempt that ended before sending it
+        self.exhausted = False
+
+    async def _pump(self) -> None:
+        async for piece in _each(self.pieces):
+            await self.queue.put(input_message(piece))
+        await self.queue.put(None)
+
+    def _failover(self) -> Failover:
+        client = self.session.client
+        return Failover(
+            client.replicas,
+            self.session.id,
+            resendable=True,
+            retry=client.retry,
+            budget_s=client.failover_s,
+        )
+
+    async def run(self) -> AsyncIterator[pb.AppendAck]:
+        client = self.session.client
+        pump = asyncio.get_running_loop().create_task(self._pump())
+        failover, resumed = self._failover(), False
+        try:
+            while True:
+                address, (_, stub) = client.replicas.pick(self.session.id)
+                ready, finished = asyncio.Event(), asyncio.Event()
+                call = stub.Stream(
+                    self._requests(ready, finished, resumed),
+                    metadata=client.connection.metadata,
+                )
+                try:
+                    async for response in call:
+                        if response.HasField("opened"):
+                            self.session.info = response.opened
+                            for ack in self.ledger.opened(response.opened.position, resumed):
+                                self.session.position = max(self.session.position, ack.position)
+                                yield ack
+                            ready.set()
+                            failover = self._failover()
+                        elif response.HasField("ack"):
+                            self.ledger.acked()
+                            async with self.room:
+                                self.room.notify_all()
+                            self.session.position = max(
+                                self.session.position, response.ack.position
+                            )
+                            yield response.ack
+                    client.replicas.worked(address)
+                    return
+                except grpc.RpcError as error:
+                    delay = failover.after(address, error)
+                    if delay is None:
+                        raise from_rpc_error(error) from None
+                    await asyncio.sleep(delay)
+                    resumed = True
+                finally:
+                    finished.set()
+                    async with self.room:
+                        self.room.notify_all()
+                    call.cancel()
+        finally:
+            pump.cancel()
+
+    async def _requests(
+        self, ready: asyncio.Event, finished: asyncio.Event, resumed: bool
+    ) -> AsyncIterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.OpenStream(session_id=self.session.id))
+        await ready.wait()
+        for start, message in self.ledger.unacknowledged():  # on condition
+            yield self.ledger.request(message, start)
+        while True:
+            async with self.room:
+                await self.room.wait_for(lambda: not self.ledger.full() or finished.is_set())
+            if finished.is_set() or self.exhausted:
+                return
+            message = self.carried.pop() if self.carried else await self.queue.get()
+            if message is None:
+                self.exhausted = True
+                return
+            if finished.is_set():
+                self.carried.append(message)  # the next attempt sends it
+                return
+            start = self.ledger.sent(message)
+            yield self.ledger.request(message, start if resumed else None)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from memsvc.client.connection import Connection
-from memsvc.client.errors import FailedPreconditionError, from_rpc_error
+from memsvc.client.errors import from_rpc_error
 from memsvc.client.messages import Data, TextDecoder, input_message, prompt_message
+from memsvc.client.resume import StreamLedger
 from memsvc.client.retry import RetryPolicy
 from memsvc.client.routing import (
     Failover,
@@ -29,7 +28,6 @@ from memsvc.client.routing import (
     conditional_append,
     parse_addresses,
     position_hint,
-    token_ids,
 )
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
@@ -274,28 +272,27 @@ class _ResumableStream:
     """`Session.append_stream`: one Stream call per replica it takes (see its docstring)."""
 
     def __init__(self, session: Session, messages: Iterator[pb.Input], window: int) -> None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
         self.session = session
         self.messages = messages
-        self.window = window
-        self.cond = threading.Condition()
-        self.pending: deque[tuple[int, pb.Input]] = deque()  # sent, unacknowledged: (start, ids)
-        self.next_start: int | None = None  # where the next piece starts, once a stream opened
+        self.ledger = StreamLedger(session.id, window)
+        self.cond = threading.Condition()  # guards the ledger
         self.exhausted = False
         self.pull_lock = threading.Lock()
         self.carried: list[pb.Input] = []  # pulled by an attempt that ended before sending it
-        self.request_ids = itertools.count(1)
 
-    def run(self) -> Iterator[pb.AppendAck]:
+    def _failover(self) -> Failover:
         client = self.session.client
-        failover = Failover(
+        return Failover(
             client.replicas,
             self.session.id,
             resendable=True,
             retry=client.retry,
             budget_s=client.failover_s,
         )
+
+    def run(self) -> Iterator[pb.AppendAck]:
+        client = self.session.client
+        failover = self._failover()
         resumed = False
         while True:
             address, (_, stub) = client.replicas.pick(self.session.id)
@@ -307,18 +304,17 @@ class _ResumableStream:
                 for response in responses:
                     if response.HasField("opened"):
                         self.session.info = response.opened
-                        yield from self._opened(response.opened.position, resumed)
+                        with self.cond:
+                            done = self.ledger.opened(response.opened.position, resumed)
+                            self.cond.notify_all()
+                        for ack in done:
+                            self.session._seen(ack.position)
+                            yield ack
                         ready.set()
-                        failover = Failover(
-                            client.replicas,
-                            self.session.id,
-                            resendable=True,
-                            retry=client.retry,
-                            budget_s=client.failover_s,
-                        )
+                        failover = self._failover()
                     elif response.HasField("ack"):
                         with self.cond:
-                            self.pending.popleft()
+                            self.ledger.acked()
                             self.cond.notify_all()
                         self.session._seen(response.ack.position)
                         yield response.ack
@@ -336,35 +332,6 @@ class _ResumableStream:
                     self.cond.notify_all()
                 responses.cancel()
 
-    def _opened(self, position: int, resumed: bool) -> Iterator[pb.AppendAck]:
-        """Acknowledges what a (re)opened stream already holds; trims a piece it holds part of."""
-        with self.cond:
-            if self.next_start is None:
-                self.next_start = position
-            if resumed:
-                if position > self.next_start:
-                    raise FailedPreconditionError(
-                        f"session {self.session.id} is at position {position}, past the "
-                        f"{self.next_start} this stream wrote (another writer?)"
-                    )
-                done = []
-                while (
-                    self.pending
-                    and self.pending[0][0] + len(token_ids(self.pending[0][1])) <= position
-                ):
-                    done.append(self.pending.popleft())
-                if self.pending and self.pending[0][0] < position:
-                    start, message = self.pending.popleft()
-                    rest = token_ids(message)[position - start :]
-                    self.pending.appendleft((position, pb.Input(token_ids=rest)))
-                self.cond.notify_all()
-            else:
-                done = []
-        for start, message in done:
-            end = start + len(token_ids(message))
-            self.session._seen(end)
-            yield pb.AppendAck(position=end, appended=end - start)
-
     def _requests(
         self, ready: threading.Event, finished: threading.Event, resumed: bool
     ) -> Iterator[pb.StreamRequest]:
@@ -373,12 +340,12 @@ class _ResumableStream:
             if finished.is_set():
                 return
         with self.cond:
-            again = list(self.pending)
-        for start, message in again:  # sent before, unacknowledged: on condition
-            yield self._request(message, start)
+            again = self.ledger.unacknowledged()
+            requests = [self.ledger.request(message, start) for start, message in again]
+        yield from requests  # sent before, unacknowledged: on condition
         while True:
             with self.cond:
-                while len(self.pending) >= self.window and not finished.is_set():
+                while self.ledger.full() and not finished.is_set():
                     self.cond.wait(0.1)
                 if finished.is_set() or self.exhausted:
                     return
@@ -393,16 +360,6 @@ class _ResumableStream:
                     if finished.is_set():
                         self.carried.append(message)  # the next attempt sends it
                         return
-                    assert self.next_start is not None
-                    start = self.next_start
-                    self.next_start += len(token_ids(message))
-                    self.pending.append((start, message))
-            yield self._request(message, start if resumed else None)
-
-    def _request(self, message: pb.Input, start: int | None) -> pb.StreamRequest:
-        if start is not None:
-            conditional = pb.Input()
-            conditional.CopyFrom(message)
-            conditional.expected_position = start
-            message = conditional
-        return pb.StreamRequest(request_id=next(self.request_ids), append=message)
+                    start = self.ledger.sent(message)
+                    request = self.ledger.request(message, start if resumed else None)
+            yield request

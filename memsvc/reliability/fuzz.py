@@ -906,6 +906,19 @@ def regression_calls(targets: Targets) -> dict[str, list[FuzzCall]]:
         "AdminService/EvictSession": [
             _call("AdminService/EvictSession", pb.EvictSessionRequest(session_id=live, tier=99))
         ],
+        # NUL characters: PostgreSQL refuses them in text (DataError, once INTERNAL).
+        "MemoryService/CreateSession": [
+            _call("MemoryService/CreateSession", pb.CreateSessionRequest(name="a\x00b"))
+        ],
+        "MemoryService/ForkSession": [
+            _call("MemoryService/ForkSession", pb.ForkSessionRequest(session_id=live, name="\x00"))
+        ],
+        "MemoryService/DeleteSession": [
+            _call("MemoryService/DeleteSession", pb.DeleteSessionRequest(session_id="\x00" * 36))
+        ],
+        "MemoryService/GetSession": [
+            _call("MemoryService/GetSession", pb.GetSessionRequest(session_id="a\x00b"))
+        ],
         "MemoryService/ImportSession": [
             imported(m) for m in (*CHECKPOINT_REGRESSIONS, *STATE_REGRESSIONS)
         ],

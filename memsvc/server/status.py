@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 
 from memsvc.sessions.api import (
     CoordinationUnavailableError,
@@ -70,6 +70,8 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     # The metadata database cannot be reached (restarting, network): try again later.
     (OperationalError, grpc.StatusCode.UNAVAILABLE),
+    # A value the database refuses to store (a backstop: fields are checked before).
+    (DataError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
 

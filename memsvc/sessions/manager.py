@@ -47,6 +47,7 @@ like a missing one (SessionNotFoundError).
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -613,6 +614,8 @@ class SessionManager:
 
     def _resolve(self, tenant_id: str, session_id: str) -> _Session:
         """The session's record, loaded from SQL on first use; tenant-scoped."""
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise SessionNotFoundError(f"session {session_id!r} not found")
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
@@ -1169,10 +1172,15 @@ def _check_present(session: _Session) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or "\x00" in name:
         raise InvalidRequestError(
-            f"a session name is a string of at most {MAX_NAME_LENGTH} characters"
+            f"a session name is a string of at most {MAX_NAME_LENGTH} characters, "
+            "without NUL characters"
         )
+
+
+# Session ids are canonical UUIDs (store.models.new_id); anything else names no session.
+_SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _check_position(session: _Session, expected: int | None) -> None:

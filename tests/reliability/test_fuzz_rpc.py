@@ -179,3 +179,38 @@ def test_a_server_that_is_gone_is_not_alive(channel: grpc.Channel) -> None:
     assert server_alive(channel)
     with grpc.insecure_channel("127.0.0.1:1") as nowhere:
         assert not server_alive(nowhere, timeout_s=1.0)
+
+
+# ---- on PostgreSQL -------------------------------------------------------------------------
+
+
+def test_the_campaign_finds_nothing_on_postgresql(tmp_path, engine, postgres_url: str) -> None:
+    """The same campaign over PostgreSQL, which refuses values SQLite stores (NUL in text)."""
+    from memsvc.server.app import ServerConfig
+    from memsvc.sessions.manager import ManagerConfig, SessionManager
+    from memsvc.store import migrate
+    from memsvc.store.database import Database
+    from memsvc.store.hot_state import InProcessHotStateTracker
+    from tests.server.harness import ServerThread, create_tenant
+
+    migrate.upgrade(postgres_url)
+    database = Database.from_url(postgres_url)
+    manager = SessionManager(
+        ManagerConfig(data_dir=tmp_path / "data"),
+        engine=engine,
+        database=database,
+        tracker=InProcessHotStateTracker(),
+    )
+    config = ServerConfig(address="127.0.0.1:0", admin_key=ADMIN_KEY, shutdown_grace_s=5.0)
+    thread = ServerThread(manager, database, config).start()
+    try:
+        tenant = create_tenant(database, "fuzz-pg")
+        report = run_bad_input_campaign(
+            thread.address, tenant.api_key, ADMIN_KEY, examples=2, seed=11
+        )
+    finally:
+        thread.stop()
+        database.dispose()
+    assert report["server_alive"] and report["sentinel_unchanged"]
+    if report["failures"]:
+        pytest.fail(_listing([Failure(**failure) for failure in report["failures"]]))

@@ -5,15 +5,16 @@ to an uninterrupted run's."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from memsvc.client import MemoryClient
+from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.client.retry import RetryPolicy
 from memsvc.server.process import ServerProcess
 from memsvc.store import migrate
@@ -79,9 +80,10 @@ def test_replicas_route_to_the_owner_and_survive_kill_and_drain(
     # One session per replica, streamed concurrently; r0 is killed mid-stream.
     clients = [_client(replicas, i, tenant.api_key) for i in range(3)]
     sessions = [client.create_session(f"s{i}") for i, client in enumerate(clients)]
+    sessions.append(clients[0].create_session("s3"))  # streamed by the async SDK
     for session in sessions:
         session.append(pieces[0])  # takes the lease on the client's first replica
-    assert [tracker.lease_holder(s.id).node for s in sessions] == ["r0", "r1", "r2"]
+    assert [tracker.lease_holder(s.id).node for s in sessions] == ["r0", "r1", "r2", "r0"]
     acks: list[list[int]] = [[] for _ in sessions]
     errors: list[BaseException] = []
     r0_acked, killed = threading.Event(), threading.Event()
@@ -103,7 +105,27 @@ def test_replicas_route_to_the_owner_and_survive_kill_and_drain(
         except BaseException as error:
             errors.append(error)
 
+    async def held_back_async() -> AsyncIterator[list[int]]:
+        for index, piece in enumerate(pieces[1:]):
+            if index == 4:
+                assert await asyncio.to_thread(killed.wait, 60)
+            yield piece
+
+    async def stream_async() -> None:
+        addresses = [r.address for r in replicas]
+        async with AsyncMemoryClient(addresses, tenant.api_key, retry=RETRY) as client:
+            session = await client.open_session(sessions[3].id)
+            async for ack in session.append_stream(held_back_async(), window=3):
+                acks[3].append(ack.position)
+
+    def stream_in_loop() -> None:
+        try:
+            asyncio.run(stream_async())
+        except BaseException as error:
+            errors.append(error)
+
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=stream_in_loop))
     for thread in threads:
         thread.start()
     assert r0_acked.wait(60)
@@ -116,7 +138,8 @@ def test_replicas_route_to_the_owner_and_survive_kill_and_drain(
     for positions in acks:  # every piece acknowledged once, in order
         assert positions == ends[1:]
     owners = [tracker.lease_holder(s.id) for s in sessions]
-    assert owners[0] is not None and owners[0].node in {"r1", "r2"}  # it moved
+    for moved in (owners[0], owners[3]):  # r0's sessions moved
+        assert moved is not None and moved.node in {"r1", "r2"}
 
     # Drain: SIGTERM r1 while a stream to its session runs; the stream moves to r2.
     drained = sessions[1]
@@ -142,6 +165,7 @@ def test_replicas_route_to_the_owner_and_survive_kill_and_drain(
     for index, session in enumerate(sessions):
         reference = clients[2].create_session(f"reference-{index}")
         tokens = context if index != 1 else context + context[: 4 * PIECE]
+        session = clients[2].open_session(session.id)  # s3's handle was the async client's
         reference.append(tokens)
         got, expected = _fingerprint(session, question), _fingerprint(reference, question)
         assert got[:4] == expected[:4]
