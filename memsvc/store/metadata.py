@@ -169,14 +169,9 @@ def delete_session(db: Session, tenant_id: str, session_id: str) -> SessionRow:
     return session
 
 
-def claim_session(db: Session, session_id: str, fence: int) -> int:
-    """Records that the holder of lease ``fence`` took the session; returns the newest fence
-    recorded for it before (its checkpoints' included).
-
-    Raises StaleFenceError if a newer fence is recorded already, NotFoundError
-    if the session is missing or deleted. Checkpoints recorded with an older
-    fence are refused from then on (``record_checkpoint``).
-    """
+def _fenced_session(db: Session, session_id: str, fence: int) -> tuple[SessionRow, int]:
+    """The live session's row, locked, and the newest fence recorded for it (the row's or a
+    checkpoint's); StaleFenceError if ``fence`` is older, NotFoundError if it is gone."""
     session = db.scalars(
         select(SessionRow)
         .where(SessionRow.id == session_id, SessionRow.deleted.is_(False))
@@ -190,6 +185,18 @@ def claim_session(db: Session, session_id: str, fence: int) -> int:
     newest = max(newest or 0, session.fence)
     if fence < newest:
         raise StaleFenceError(session_id, fence, newest)
+    return session, newest
+
+
+def claim_session(db: Session, session_id: str, fence: int) -> int:
+    """Records that the holder of lease ``fence`` took the session; returns the newest fence
+    recorded for it before (its checkpoints' included).
+
+    Raises StaleFenceError if a newer fence is recorded already, NotFoundError
+    if the session is missing or deleted. Checkpoints recorded with an older
+    fence are refused from then on (``record_checkpoint``).
+    """
+    session, newest = _fenced_session(db, session_id, fence)
     session.fence = fence
     return newest
 
@@ -213,21 +220,10 @@ def record_checkpoint(
     progress), GenerationConflictError if ``generation`` is not newer than the
     newest recorded one, NotFoundError if the session is missing or deleted.
     """
-    session = db.scalars(
-        select(SessionRow)
-        .where(SessionRow.id == session_id, SessionRow.deleted.is_(False))
-        .with_for_update()
-    ).one_or_none()
-    if session is None:
-        raise NotFoundError(f"session {session_id} not found")
-    newest_fence, newest_generation = db.execute(
-        select(func.max(CheckpointRow.fence), func.max(CheckpointRow.generation)).where(
-            CheckpointRow.session_id == session_id
-        )
-    ).one()
-    newest_fence = max(newest_fence or 0, session.fence)
-    if fence < newest_fence:
-        raise StaleFenceError(session_id, fence, newest_fence)
+    session, _ = _fenced_session(db, session_id, fence)
+    newest_generation = db.scalar(
+        select(func.max(CheckpointRow.generation)).where(CheckpointRow.session_id == session_id)
+    )
     if newest_generation is not None and generation <= newest_generation:
         raise GenerationConflictError(
             f"session {session_id}: generation {generation} is not newer than "
