@@ -84,11 +84,15 @@ def run_load(
     piece_tokens: int = 128,
     replicas: int = 1,
     sample_s: float = 1.0,
+    streaming: bool = True,
 ) -> Report:
-    """``clients`` writers for ``duration_s``: throughput, ack latency, errors, server memory."""
+    """``clients`` writers for ``duration_s``, each streaming to its session (``streaming``;
+    else unary appends one at a time): throughput, ack latency, errors, server memory."""
     with private_cluster(workdir, model_dir, replicas=replicas) as (cluster, _, _):
         api_key = cluster.create_tenant("load")
-        writers = Writers(cluster.addresses, api_key, clients, piece_tokens=piece_tokens)
+        writers = Writers(
+            cluster.addresses, api_key, clients, piece_tokens=piece_tokens, streaming=streaming
+        )
         samples: list[tuple[float, list[int | None]]] = []
         writers.start()
         started = time.monotonic()
@@ -110,6 +114,7 @@ def run_load(
     return {
         "clients": clients,
         "replicas": replicas,
+        "streaming": streaming,
         "duration_s": round(elapsed, 1),
         "piece_tokens": piece_tokens,
         "appends": sum(record.appends for record in records),

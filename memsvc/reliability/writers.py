@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from memsvc.client import MemoryClient
@@ -54,12 +54,16 @@ class Writers:
         pace_s: float = 0.0,
         seed: int = 0,
         retry: RetryPolicy = WRITER_RETRY,
+        streaming: bool = False,
+        window: int = 4,
     ) -> None:
         self.addresses = list(addresses)
         self.api_key = api_key
         self.piece_tokens = piece_tokens
         self.pace_s = pace_s
         self.retry = retry
+        self.streaming = streaming
+        self.window = window
         self.records: list[WriterRecord] = []
         self._stop = threading.Event()
         self._ready = threading.Barrier(count + 1)
@@ -91,6 +95,9 @@ class Writers:
             with self._lock:
                 self.records.append(record)
             self._ready.wait(120)
+            if self.streaming:
+                self._stream(session, record, rng)
+                return
             while not self._stop.is_set():
                 piece = [rng.randrange(256) for _ in range(self.piece_tokens)]
                 started = time.perf_counter()
@@ -109,18 +116,54 @@ class Writers:
                 if self.pace_s:
                     self._stop.wait(self.pace_s)
 
+    def _stream(self, session: Session, record: WriterRecord, rng: random.Random) -> None:
+        """Pieces over `append_stream` until stopped; an ack's latency runs from the moment its
+        piece was handed to the stream. A stream that fails is reconciled and opened again."""
+        while not self._stop.is_set():
+            sent: deque[tuple[float, list[int]]] = deque()
+
+            def pieces(sent: deque[tuple[float, list[int]]] = sent) -> Iterator[list[int]]:
+                while not self._stop.is_set():
+                    piece = [rng.randrange(256) for _ in range(self.piece_tokens)]
+                    sent.append((time.perf_counter(), piece))
+                    yield piece
+                    if self.pace_s:
+                        self._stop.wait(self.pace_s)
+
+            try:
+                for ack in session.append_stream(pieces(), window=self.window):
+                    started, piece = sent.popleft()
+                    record.latencies_s.append(time.perf_counter() - started)
+                    record.ack_times.append(time.monotonic())
+                    record.tokens.extend(piece)
+                    record.acked_position = ack.position
+                    record.appends += 1
+            except MemsvcError as error:
+                record.errors[error.code.name if error.code else "UNKNOWN"] += 1
+                record.error_times.append(time.monotonic())
+                self._reconcile_many(session, record, [piece for _, piece in sent])
+
     def _reconcile(self, session: Session, record: WriterRecord, piece: list[int]) -> None:
-        """After a failed append: does the session hold it? (asks until a replica answers)"""
+        """After a failed append: does the session hold it?"""
+        self._reconcile_many(session, record, [piece])
+
+    def _reconcile_many(
+        self, session: Session, record: WriterRecord, pieces: list[list[int]]
+    ) -> None:
+        """After a failure: which of the unacknowledged ``pieces`` (in order) does the session
+        hold? Asks until a replica answers; a position between pieces counts as diverged."""
         while True:
             try:
                 position = session.refresh().position
                 break
             except MemsvcError:
                 time.sleep(0.2)
-        if position == len(record.tokens) + len(piece):
+        for piece in pieces:
+            if len(record.tokens) + len(piece) > position:
+                break
             record.tokens.extend(piece)
-            record.acked_position = position
-        elif position != len(record.tokens):
+            record.acked_position = len(record.tokens)
+        if position != len(record.tokens):
             record.diverged += 1
         session.position = len(record.tokens)
 
