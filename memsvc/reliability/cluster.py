@@ -44,7 +44,12 @@ class LocalCluster:
         args = ["--model", str(model_dir), "--data-dir", str(backends.data_dir)]
         args += ["--database-url", backends.database_url, "--redis-url", backends.redis_url]
         args += ["--redis-namespace", backends.redis_namespace]
-        args += ["--lease-ttl-ms", str(lease_ttl_ms), "--shutdown-grace", "30", *extra_args]
+        args += ["--lease-ttl-ms", str(lease_ttl_ms), "--shutdown-grace", "30"]
+        # No saturation mitigation: it changes a session's memory on purpose (random bytes
+        # saturate it within ~8k tokens), and the suite compares each session with a
+        # reference fed the same tokens without it. Explosion mitigation stays on and is
+        # counted (``mitigations``).
+        args += ["--guard-norm-bound", "inf", *extra_args]
         env = {"MEMSVC_ADMIN_KEY": ADMIN_KEY}
         self.servers = [
             ServerProcess(
@@ -81,6 +86,14 @@ class LocalCluster:
 
     def stop_all(self) -> list[int]:
         return [self.stop(i) for i, up in enumerate(self.alive) if up]
+
+    def mitigations(self) -> int:
+        """How many times the replicas' guards mitigated a session (from their logs)."""
+        return sum(
+            server.log_path.read_text(errors="replace").count('"mitigation_applied"')
+            for server in self.servers
+            if server.log_path.exists()
+        )
 
     def rss_bytes(self, index: int) -> int | None:
         """The replica's resident memory (None once it is gone)."""

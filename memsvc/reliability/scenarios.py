@@ -103,6 +103,7 @@ def run_load(
         elapsed = time.monotonic() - started
         verdict = verify(cluster.addresses, api_key, records)
         cluster.stop_all()
+        mitigations = cluster.mitigations()
     latencies = [lat for record in records for lat in record.latencies_s]
     tokens = sum(record.acked_position for record in records)
     rss = [sum(v or 0 for v in values) / 2**20 for _, values in samples]
@@ -128,6 +129,7 @@ def run_load(
         "errors": _errors(records),
         "rss_mb": [[t, round(mb, 1)] for (t, _), mb in zip(samples, rss, strict=True)],
         "rss_growth_pct": round(100 * (late - early) / early, 1) if early else None,
+        "mitigations": mitigations,
         "verdict": asdict(verdict),
     }
 
@@ -163,6 +165,7 @@ def _fault(
         "fault": name,
         "writers": writers,
         "note": note,
+        "mitigations": cluster.mitigations(),
         "errors_seen": _errors(records),
         "longest_stall_s": round(_longest_stall(records, at), 2),
         # Appends acknowledged once the fault was over: the writers carried on.
