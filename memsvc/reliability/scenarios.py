@@ -40,7 +40,7 @@ def private_cluster(
     """A started cluster over a private Redis and PostgreSQL of its own."""
     with ExitStack() as stack:
         redis = stack.enter_context(PrivateRedis(workdir / "redis"))
-        postgres = stack.enter_context(PrivatePostgres(workdir / "postgres"))
+        postgres = stack.enter_context(PrivatePostgres())
         backends = Backends(postgres.url, redis.url, data_dir or workdir / "data")
         cluster = stack.enter_context(
             LocalCluster(workdir, model_dir, backends, replicas=replicas, extra_args=extra_args)

@@ -95,10 +95,10 @@ class PrivatePostgres:
 
     Its files live in a fresh directory under the system's temporary directory
     (the ``postgres`` user must reach them, which it cannot inside a root-only
-    work directory), removed on exit; ``workdir`` is unused but kept for symmetry.
+    work directory such as pytest's), removed on exit.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="memsvc-pg-"))
         self.data = self.workdir / "pgdata"
         self.port = free_port()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memsvc.reliability import scenarios
+from memsvc.reliability import cli, scenarios
 
 # What clients may see while each fault lasts, besides nothing at all.
 ALLOWED_ERRORS = {
@@ -47,3 +47,7 @@ def test_load_reports_throughput_latency_and_memory(tmp_path: Path, model_dir: P
     verdict = report["verdict"]
     assert verdict["sessions"] == 8 and verdict["lost_tokens"] == 0
     assert verdict["states_differing"] == 0
+
+
+def test_the_cli_names_every_fault() -> None:
+    assert tuple(scenarios.FAULTS) == cli.FAULT_NAMES
