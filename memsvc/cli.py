@@ -11,7 +11,9 @@ from memsvc.bench.serve import add_serve_bench_parser
 from memsvc.bench.swap import add_swap_bench_parser
 from memsvc.client.cli import add_sessions_parser
 from memsvc.client.demo import add_demo_parser
+from memsvc.corpus.cli import add_corpus_parser
 from memsvc.eval.cli import add_niah_parser
+from memsvc.eval.facts_cli import add_facts_parser
 from memsvc.obs.top import add_top_parser
 from memsvc.reliability.cli import add_reliability_parser
 from memsvc.server.cli import add_serve_parser, add_tenants_parser
@@ -45,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sessions_parser(commands)
     add_top_parser(commands)
     add_db_parser(commands)
+    add_corpus_parser(commands)
 
     evaluate = commands.add_parser("eval", help="evaluations of a trained model")
     evals = evaluate.add_subparsers(dest="eval", required=True)
     add_niah_parser(evals)
+    add_facts_parser(evals)
 
     bench = commands.add_parser("bench", help="benchmarks that print their peer beside them")
     benches = bench.add_subparsers(dest="bench", required=True)

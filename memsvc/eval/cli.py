@@ -11,17 +11,16 @@ import json
 import sys
 import time
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from memsvc.engine import StreamingEngine
 from memsvc.eval.niah import LengthResult, evaluate_length, parse_length
+from memsvc.eval.options import add_model_options, load_eval_model
 from memsvc.eval.probe import ProbeSpec
-from memsvc.model.io import load_model, model_hash
-from memsvc.model.reference import REFERENCE_MODEL_DIR
-from memsvc.runtime import tune_allocator
+from memsvc.model.io import model_hash
+from memsvc.train.haystack import HAYSTACKS
 
 
 def add_niah_parser(evals: argparse._SubParsersAction) -> None:
@@ -31,7 +30,7 @@ def add_niah_parser(evals: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    niah.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model directory")
+    add_model_options(niah)
     niah.add_argument("--task", choices=("passkey", "number", "uuid"), default="passkey")
     niah.add_argument(
         "--lengths",
@@ -46,8 +45,12 @@ def add_niah_parser(evals: argparse._SubParsersAction) -> None:
         default=None,
         help="cap samples so one length streams at most this many tokens (e.g. 4m)",
     )
-    niah.add_argument("--no-memory", action="store_true", help="sliding window only (ablation)")
-    niah.add_argument("--haystack", choices=("sentences", "words", "repeated"), default="sentences")
+    niah.add_argument(
+        "--haystack",
+        choices=HAYSTACKS,
+        default="sentences",
+        help="synthetic filler, or real:<kind>: held-out corpus text (memsvc corpus build)",
+    )
     niah.add_argument(
         "--vocabulary",
         choices=("heldout", "train"),
@@ -61,8 +64,6 @@ def add_niah_parser(evals: argparse._SubParsersAction) -> None:
     niah.add_argument(
         "--batch", type=int, default=1, help="probes streamed side by side (1: single stream)"
     )
-    niah.add_argument("--threads", type=int, default=2)
-    niah.add_argument("--device", default="cpu")
     niah.add_argument("--json", action="store_true", help="print one JSON object")
     niah.set_defaults(func=run_niah)
 
@@ -71,9 +72,7 @@ def run_niah(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.batch < 1:
         print("memsvc eval niah: --samples and --batch must be >= 1", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    tune_allocator()
-    model = load_model(args.model, args.device)
+    model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
     console = Console(stderr=True)
     rows: list[LengthResult] = []
@@ -111,6 +110,7 @@ def run_niah(args: argparse.Namespace) -> int:
         "model_hash": model_hash(model),
         "task": args.task,
         "memory": not args.no_memory,
+        "memory_set": dict(args.memory_set),
         "haystack": args.haystack,
         "vocabulary": args.vocabulary,
         "distractors": args.distractors,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from memsvc.model.tokenizer import BOS_ID, QUERY_ID, encode
-from memsvc.train.haystack import VOCABULARIES, Haystack, haystack_units
+from memsvc.train.haystack import VOCABULARIES, Haystack, filler
 from memsvc.train.tasks import needle_parts
 
 NeedleKind = Literal["passkey", "number", "uuid"]
@@ -76,14 +76,12 @@ class Probe:
         pending = [BOS_ID]  # ids not yet handed out
         emitted = 0
         needle_done = False
+        units = filler(rng, spec.haystack, vocab, spec.distractor_rate, self.distractor_digits)
         while emitted < self.hay_bytes:
             if not needle_done and emitted >= self.needle_at:
                 pending += self.needle.encode()
                 needle_done = True
-            unit = haystack_units(
-                rng, spec.haystack, vocab, 1, spec.distractor_rate, self.distractor_digits
-            )[0]
-            data = unit.encode()[: self.hay_bytes - emitted]
+            data = next(units).encode()[: self.hay_bytes - emitted]
             pending += data
             emitted += len(data)
             while len(pending) >= piece_tokens:

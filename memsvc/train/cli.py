@@ -29,7 +29,14 @@ from memsvc.model.io import load_config
 from memsvc.obs.logging import configure_logging
 from memsvc.train.distributed import Distributed
 from memsvc.train.progress import ProgressBar
-from memsvc.train.recipe import CURRICULA, PRESETS, TrainRecipe, curriculum, model_config
+from memsvc.train.recipe import (
+    CURRICULA,
+    MEMORY_KINDS,
+    PRESETS,
+    TrainRecipe,
+    curriculum,
+    model_config,
+)
 from memsvc.train.trainer import Trainer, TrainingDivergedError
 
 # Recipe options: the checkpoint fixes them on --resume.
@@ -38,6 +45,7 @@ _RECIPE_OPTIONS = (
     "memory",
     "curriculum",
     "init_from",
+    "init_backbone_from",
     "batch_size",
     "lr",
     "seed",
@@ -65,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--memory",
-        choices=("delta", "mlp"),
-        help="delta: matrix memory, exact delta rule (default); mlp: depth-2 MLP memory",
+        choices=MEMORY_KINDS,
+        help="delta: matrix memory, exact delta rule (default); mlp: depth-2 MLP memory, one "
+        "head, no momentum; deep2 / deep4: the Titans MLP memory, 4 heads, momentum",
     )
     parser.add_argument(
         "--curriculum",
@@ -77,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from",
         help="start from this model directory's weights and config (fine-tuning); "
         "--config and --memory may not be given with it",
+    )
+    parser.add_argument(
+        "--init-backbone-from",
+        help="start every parameter outside the memory from this model directory (the "
+        "memory starts fresh): memories of any kind trained from one backbone",
     )
     parser.add_argument(
         "--time-budget", type=float, help="seconds for this invocation, setup included"
@@ -124,6 +138,7 @@ def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
     overrides = {
         "seed": args.seed,
         "init_from": args.init_from,
+        "init_backbone_from": args.init_backbone_from,
         "lr": args.lr,
         "max_steps": args.max_steps,
         "next_byte_weight": args.next_byte_weight,

@@ -1,20 +1,28 @@
-"""Haystack text for the synthetic recall tasks: repeated, random-word and random-sentence.
+"""Haystack text for the recall tasks: repeated, random-word, random-sentence and real text.
 
 Two sentence generators with disjoint words and templates: TRAIN_VOCAB for
 training and HELDOUT_VOCAB, never trained on, for evaluation (the third
 experiment in notes/trainability.md: a model that learned one filler must be
 tested on another). Distractor sentences carry random numbers shaped like the
 answers, so "remember every digit" is not a shortcut.
+
+Real-text haystacks (`real:<kind>`, e.g. `real:chinese`) are lines of the corpus
+(memsvc/corpus): its training split with the training vocabulary, its held-out
+split with the held-out one.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
-Haystack = Literal["repeated", "words", "sentences"]
-HAYSTACKS: tuple[Haystack, ...] = ("repeated", "words", "sentences")
+from memsvc.corpus import KINDS as REAL_KINDS
+
+Haystack = str  # one of SYNTHETIC_HAYSTACKS, or "real:<kind>" with a corpus kind
+SYNTHETIC_HAYSTACKS = ("repeated", "words", "sentences")
+REAL_HAYSTACKS = tuple(f"real:{kind}" for kind in REAL_KINDS)
+HAYSTACKS: tuple[Haystack, ...] = SYNTHETIC_HAYSTACKS + REAL_HAYSTACKS
 
 # RULER's noise filler.
 REPEATED = (
@@ -199,6 +207,44 @@ HELDOUT_VOCAB = Vocabulary(
 VOCABULARIES = {"train": TRAIN_VOCAB, "heldout": HELDOUT_VOCAB}
 
 
+def check_haystack(kind: Haystack) -> None:
+    if kind not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {kind!r} (one of {', '.join(HAYSTACKS)})")
+
+
+def filler(
+    rng: random.Random,
+    kind: Haystack,
+    vocab: Vocabulary,
+    distractor_rate: float = 0.0,
+    digits: int = 5,
+) -> Iterator[str]:
+    """Haystack units, forever: sentences (or words) ending with a space, or lines of real
+    text ending with a newline; with probability `distractor_rate` a unit is a distractor
+    sentence instead."""
+    check_haystack(kind)
+    repeated = [s.strip() + "." for s in REPEATED.split(".") if s.strip()]
+    lines: Iterator[str] | None = None
+    i = 0
+    while True:
+        if distractor_rate and rng.random() < distractor_rate:
+            yield vocab.distractor(rng, digits) + " "
+        elif kind == "repeated":
+            yield repeated[i % len(repeated)] + " "
+        elif kind == "words":
+            yield vocab.word(rng) + " "
+        elif kind == "sentences":
+            yield vocab.sentence(rng) + " "
+        else:
+            if lines is None:
+                from memsvc.corpus import open_corpus
+
+                split = "train" if vocab.name == "train" else "eval"
+                lines = open_corpus().stream(kind.removeprefix("real:"), split, rng)
+            yield next(lines)
+        i += 1
+
+
 def haystack_units(
     rng: random.Random,
     kind: Haystack,
@@ -207,26 +253,11 @@ def haystack_units(
     distractor_rate: float = 0.0,
     digits: int = 5,
 ) -> list[str]:
-    """Units of filler text (each ending with a space), at least n_bytes in all.
-
-    A unit is a sentence, or a single word for the random-word haystack; with
-    probability `distractor_rate` a unit is a distractor sentence instead.
-    """
+    """Units of `filler` (module docstring), at least n_bytes UTF-8 bytes in all."""
     units: list[str] = []
-    total = i = 0
-    repeated = [s.strip() + "." for s in REPEATED.split(".") if s.strip()]
-    while total < n_bytes:
-        if distractor_rate and rng.random() < distractor_rate:
-            unit = vocab.distractor(rng, digits)
-        elif kind == "repeated":
-            unit = repeated[i % len(repeated)]
-        elif kind == "words":
-            unit = vocab.word(rng)
-        elif kind == "sentences":
-            unit = vocab.sentence(rng)
-        else:
-            raise ValueError(f"unknown haystack {kind!r}")
-        units.append(unit + " ")
-        total += len(unit) + 1
-        i += 1
+    total = 0
+    stream = filler(rng, kind, vocab, distractor_rate, digits)
+    while total < n_bytes:  # no draw beyond the last unit: the caller's rng goes on from here
+        units.append(next(stream))
+        total += len(units[-1].encode())
     return units

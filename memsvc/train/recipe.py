@@ -23,11 +23,17 @@ from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
 from memsvc.model.tokenizer import VOCAB_SIZE
-from memsvc.train.tasks import Stage, long_context_curriculum, reference_curriculum
+from memsvc.train.tasks import (
+    Stage,
+    long_context_curriculum,
+    recall_curriculum,
+    reference_curriculum,
+)
 
-MemoryKind = Literal["delta", "mlp"]
+MemoryKind = Literal["delta", "mlp", "deep2", "deep4"]
+MEMORY_KINDS: tuple[MemoryKind, ...] = ("delta", "mlp", "deep2", "deep4")
 PRESETS = ("tiny", "reference")
-CURRICULA = ("reference", "long")
+CURRICULA = ("reference", "long", "recall")
 
 # Parameters that train at `fast_lr_mult` x the learning rate (notes/trainability.md,
 # item 4): the memory's gates and convolutions and the attention's q/k convolutions.
@@ -50,6 +56,23 @@ def memory_config(kind: MemoryKind, dim: int, chunk_size: int = 64) -> MemoryCon
     """
     if kind == "delta":
         return replace(default_memory(dim), chunk_size=chunk_size)
+    if kind in ("deep2", "deep4"):
+        # The seed's Titans memory: a residual MLP per head (depth 2 or the seed's default
+        # 4), momentum on the surprise, gradients at the chunk-start weights; W1 at std 1
+        # and a loose update clip, as the MLP variant that learned (notes above).
+        return MemoryConfig(
+            dim=dim,
+            heads=4,
+            depth=2 if kind == "deep2" else 4,
+            expansion=2.0,
+            chunk_size=chunk_size,
+            lookahead=True,
+            update_rule="chunk",
+            optimizer="momentum",
+            conv_size=4,
+            max_update_norm=10.0,
+            tau=0.0,
+        )
     if kind == "mlp":
         return MemoryConfig(
             dim=dim,
@@ -64,7 +87,7 @@ def memory_config(kind: MemoryKind, dim: int, chunk_size: int = 64) -> MemoryCon
             max_update_norm=10.0,
             tau=0.0,
         )
-    raise ValueError(f"unknown memory kind {kind!r} (delta or mlp)")
+    raise ValueError(f"unknown memory kind {kind!r} ({', '.join(MEMORY_KINDS)})")
 
 
 def model_config(source: str, memory: MemoryKind | None = None) -> ModelConfig:
@@ -107,7 +130,11 @@ def curriculum(
     stage's sequences per step; later stages keep the same tokens per step."""
     if name not in CURRICULA:
         raise ValueError(f"unknown curriculum {name!r} ({', '.join(CURRICULA)})")
-    build = reference_curriculum if name == "reference" else long_context_curriculum
+    build = {
+        "reference": reference_curriculum,
+        "long": long_context_curriculum,
+        "recall": recall_curriculum,
+    }[name]
     if batch_size is None:
         return build(window) if name == "long" else build(window, TOKENS_PER_STEP)
     first_length = build(window)[0].length
@@ -121,6 +148,9 @@ class TrainRecipe:
     stages: tuple[Stage, ...]
     seed: int = 0
     init_from: str | None = None  # a model directory whose weights start the run
+    # A model directory whose backbone (every parameter outside the memory modules) starts
+    # the run; the memory starts fresh, so memories of any kind compare from one backbone.
+    init_backbone_from: str | None = None
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 20

@@ -8,6 +8,7 @@ Every sample has exactly `spec.length` tokens:
 - number / uuid: "The magic number for lantern is 4821937." (RULER's niah value kinds).
 - mqar: multi-query associative recall: key=value pairs, then several queries.
 - text: plain next-byte text (no question).
+- facts: keyed facts, some revised, each asked by its key (facts.py).
 
 Haystacks: repeated sentences, random words, random sentences, from the
 training vocabulary or the held-out one (haystack.py), with optional
@@ -29,10 +30,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from memsvc.model.tokenizer import EOS_ID, PAD_ID, QUERY_ID, encode
-from memsvc.train.haystack import VOCABULARIES, Haystack, haystack_units
+from memsvc.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, QUERY_ID, encode
+from memsvc.train.haystack import VOCABULARIES, Haystack, check_haystack, haystack_units
+from memsvc.train.phrasing import VALUE_KINDS, ValueKind
 
-TaskKind = Literal["passkey", "number", "uuid", "mqar", "text"]
+TaskKind = Literal["passkey", "number", "uuid", "mqar", "text", "facts"]
 NeedlePlacement = Literal["any", "in_window", "out_of_window"]
 NEEDLE_KINDS: tuple[TaskKind, ...] = ("passkey", "number", "uuid")
 
@@ -52,8 +54,11 @@ class TaskSpec:
     window: int = 128
     depth: float | None = None  # needle start / context length; None: random
     n_queries: int = 4  # mqar
+    max_facts: int = 4  # facts: 1..max_facts per sample
+    value_kinds: tuple[ValueKind, ...] = VALUE_KINDS  # facts
 
     def __post_init__(self) -> None:
+        check_haystack(self.haystack)
         if self.depth is not None and not 0.0 <= self.depth <= 1.0:
             raise ValueError("depth must be in [0, 1]")
         if not 0.0 <= self.distractor_rate <= 1.0:
@@ -97,6 +102,20 @@ def generate(spec: TaskSpec, rng: random.Random) -> Sample:
         return _mqar_sample(spec, rng)
     if spec.kind == "text":
         return _text_sample(spec, rng)
+    if spec.kind == "facts":
+        from memsvc.train.facts import fact_sample
+
+        return fact_sample(
+            rng,
+            spec.length,
+            max_facts=spec.max_facts,
+            value_kinds=spec.value_kinds,
+            haystack=spec.haystack,
+            vocabulary=spec.vocabulary,
+            distractor_rate=spec.distractor_rate,
+            window=spec.window,
+            out_of_window=spec.needle == "out_of_window",
+        )
     raise ValueError(f"unknown task kind {spec.kind!r}")
 
 
@@ -161,11 +180,11 @@ def _needle_sample(spec: TaskSpec, rng: random.Random) -> Sample:
         spec.distractor_rate,
         digits,
     )
-    hay = "".join(units)[:n_hay]
-    at = _needle_position(spec, rng, hay, _starts(units), n_needle, n_question)
-    context = hay[:at] + needle + hay[at:]
+    hay = fit_bytes(units, n_hay)
+    at = _needle_position(spec, rng, hay, unit_starts(units), n_needle, n_question)
+    context = hay[:at] + needle.encode() + hay[at:]
 
-    tokens = encode(context, bos=True)
+    tokens = [BOS_ID, *context]
     q_start = len(tokens)
     tokens += [QUERY_ID, *encode(question)]
     a_start = len(tokens)
@@ -179,19 +198,39 @@ def _needle_sample(spec: TaskSpec, rng: random.Random) -> Sample:
     )
 
 
-def _starts(units: list[str]) -> list[int]:
+def fit_bytes(units: list[str], n: int) -> bytes:
+    """The units' UTF-8 bytes cut to `n` at a character boundary, padded with spaces to `n`."""
+    data = "".join(units).encode()[:n].decode("utf-8", errors="ignore").encode()
+    return data + b" " * (n - len(data))
+
+
+def unit_starts(units: list[str]) -> list[int]:
+    """The byte offset where each unit starts."""
     starts, offset = [], 0
     for unit in units:
         starts.append(offset)
-        offset += len(unit)
+        offset += len(unit.encode())
     return starts
+
+
+def snap(hay: bytes, target: int, lo: int, hi: int, unit_starts: list[int]) -> int:
+    """A byte offset in [lo, hi] near `target`: the nearest unit start, else the nearest word
+    start, else `target` moved to a character boundary."""
+    word_starts = [0] + [i + 1 for i, byte in enumerate(hay) if byte in (0x20, 0x0A)]
+    for candidates in (unit_starts, word_starts):
+        inside = [p for p in candidates if lo <= p <= hi]
+        if inside:
+            return min(inside, key=lambda p: (abs(p - target), p))
+    while target < len(hay) and hay[target] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+        target += 1
+    return target
 
 
 def _needle_position(
     spec: TaskSpec,
     rng: random.Random,
-    hay: str,
-    unit_starts: list[int],
+    hay: bytes,
+    starts: list[int],
     n_needle: int,
     n_question: int,
 ) -> int:
@@ -218,13 +257,7 @@ def _needle_position(
         if not lo <= target <= hi:
             raise ValueError(f"depth {spec.depth} contradicts needle placement {spec.needle!r}")
 
-    # Prefer a unit (sentence or word) boundary, else a word boundary, else the target.
-    word_starts = [0] + [i + 1 for i, ch in enumerate(hay) if ch == " "]
-    for candidates in (unit_starts, word_starts):
-        inside = [p for p in candidates if lo <= p <= hi]
-        if inside:
-            return min(inside, key=lambda p: (abs(p - target), p))
-    return target
+    return snap(hay, target, lo, hi, starts)
 
 
 # ---- multi-query associative recall and plain text ---------------------------------------
@@ -267,7 +300,7 @@ def _text_sample(spec: TaskSpec, rng: random.Random) -> Sample:
     vocab = VOCABULARIES[spec.vocabulary]
     n = spec.length - 1
     units = haystack_units(rng, spec.haystack, vocab, n, spec.distractor_rate)
-    tokens = encode("".join(units)[:n], bos=True)
+    tokens = [BOS_ID, *fit_bytes(units, n)]
     return Sample(torch.tensor(tokens, dtype=torch.int64), (), (), (), None)
 
 
@@ -286,6 +319,7 @@ class Stage:
     kinds: tuple[TaskKind, ...] = ("passkey",)
     haystacks: tuple[Haystack, ...] = ("repeated", "sentences")
     distractor_rate: float = 0.0
+    max_facts: int = 4
 
     def specs(self, window: int) -> list[TaskSpec]:
         return [
@@ -294,8 +328,9 @@ class Stage:
                 length=self.length,
                 haystack=haystack,
                 distractor_rate=self.distractor_rate,
-                needle=self.needle if kind in NEEDLE_KINDS else "any",
+                needle=self.needle if kind in (*NEEDLE_KINDS, "facts") else "any",
                 window=window,
+                max_facts=self.max_facts,
             )
             for kind in self.kinds
             for haystack in self.haystacks
@@ -346,3 +381,45 @@ def long_context_curriculum(window: int = 128, tokens_per_step: int = 32768) -> 
         stage("long-16k", 16384, 80),
         stage("long-32k", 32768, 120),
     )
+
+
+REAL_AND_SYNTHETIC: tuple[Haystack, ...] = (
+    "sentences",
+    "words",
+    "real:english",
+    "real:chinese",
+    "real:german",
+    "real:japanese",
+    "real:code",
+    "real:json",
+    "real:logs",
+)
+
+
+def recall_curriculum(window: int = 128, tokens_per_step: int = 8192) -> tuple[Stage, ...]:
+    """Keyed facts and needles in real-text and synthetic haystacks, one curriculum for
+    both (from a model whose backbone already copies in-window: `init_backbone_from`).
+
+    Every stage mixes real text of every corpus kind (training split) with synthetic
+    sentences, so next-byte loss and recall are learned on what agents stream; facts
+    get double weight, their number grows with the length, and 20% of haystack units
+    are distractor sentences carrying numbers from 2k on."""
+
+    def stage(name: str, length: int, needle: NeedlePlacement, steps: int, **kw) -> Stage:
+        batch_size = max(1, tokens_per_step // length)
+        return Stage(name, length, needle, steps, batch_size, haystacks=REAL_AND_SYNTHETIC, **kw)
+
+    return (
+        stage("warmup-in-window", 2 * window, "in_window", 80, kinds=("passkey", "facts"),
+              max_facts=1),
+        stage("beyond-window-512", 512, "out_of_window", 150,
+              kinds=("passkey", "number", "facts", "facts"), max_facts=2),
+        stage("facts-2k", 2048, "out_of_window", 250, distractor_rate=0.2,
+              kinds=("passkey", "uuid", "facts", "facts", "text"), max_facts=4),
+        stage("facts-4k", 4096, "out_of_window", 300, distractor_rate=0.2,
+              kinds=("passkey", "number", "facts", "facts", "text"), max_facts=8),
+        stage("facts-8k", 8192, "out_of_window", 250, distractor_rate=0.2,
+              kinds=("passkey", "facts", "facts"), max_facts=16),
+        stage("facts-16k", 16384, "out_of_window", 150, distractor_rate=0.2,
+              kinds=("passkey", "facts", "facts"), max_facts=16),
+    )  # fmt: skip

@@ -131,6 +131,17 @@ def batch_losses(logits: Tensor, batch: Batch) -> BatchLosses:
     )
 
 
+def load_backbone(model: MAGModel, source: MAGModel, name: str) -> None:
+    """Copy every parameter of `source` outside the memory modules into `model`."""
+    theirs = source.state_dict()
+    for key, value in model.state_dict().items():
+        if ".memory." in key:
+            continue
+        if key not in theirs or theirs[key].shape != value.shape:
+            raise ValueError(f"{name}: its backbone differs from the run's at {key}")
+        value.copy_(theirs[key])
+
+
 class Trainer:
     """Trains `model` by `recipe`, writing checkpoints under `out`.
 
@@ -204,6 +215,8 @@ class Trainer:
             if start.config != config:
                 raise ValueError(f"{recipe.init_from}: its config differs from the run's")
             model.load_state_dict(start.state_dict())
+        if recipe.init_backbone_from is not None:
+            load_backbone(model, load_model(recipe.init_backbone_from), recipe.init_backbone_from)
         return cls(model, recipe, out, dist=dist, loss_hook=loss_hook)
 
     @classmethod

@@ -1,0 +1,197 @@
+"""`memsvc eval facts`: keyed-fact recall by haystack, length, number of facts, value kind and
+depth, through the streaming engine, on phrasings, keys and filler never trained on.
+
+memsvc eval facts --lengths 16k --facts 8 --values digits --samples 8
+memsvc eval facts --lengths 4k,16k --facts 1,4,8,16 --haystack sentences,real:english
+memsvc eval facts --values words,code --facts 4 --revised 2 --plot facts.png
+memsvc eval facts --memory-set tau=0.5      # the write gate on (an ablation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from memsvc.engine import StreamingEngine
+from memsvc.eval.facts import FactCell, StreamStats, evaluate_cell, result_dicts, summarize
+from memsvc.eval.niah import parse_length
+from memsvc.eval.options import add_model_options, load_eval_model
+from memsvc.model.io import model_hash
+from memsvc.train.haystack import HAYSTACKS
+from memsvc.train.phrasing import VALUE_KINDS
+
+
+def _csv(parse):
+    return lambda text: [parse(x) for x in text.split(",") if x]
+
+
+def _haystack(name: str) -> str:
+    if name not in HAYSTACKS:
+        raise argparse.ArgumentTypeError(f"unknown haystack {name!r} ({', '.join(HAYSTACKS)})")
+    return name
+
+
+def _value_kind(name: str) -> str:
+    if name not in VALUE_KINDS:
+        raise argparse.ArgumentTypeError(f"unknown value kind {name!r} ({', '.join(VALUE_KINDS)})")
+    return name
+
+
+def add_facts_parser(evals: argparse._SubParsersAction) -> None:
+    facts = evals.add_parser(
+        "facts",
+        help="keyed-fact recall: many facts, each asked by its key (revisions: latest wins)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(facts)
+    facts.add_argument(
+        "--lengths",
+        type=_csv(parse_length),
+        default="4k,16k",
+        help="context tokens, k = 1024, m = 1048576 (default 4k,16k)",
+    )
+    facts.add_argument(
+        "--facts",
+        type=_csv(int),
+        default="1,4,8",
+        help="facts per stream, one cell each (default 1,4,8)",
+    )
+    facts.add_argument(
+        "--values",
+        type=_csv(_value_kind),
+        default="digits",
+        help=f"value kinds, one cell each ({', '.join(VALUE_KINDS)}; default digits)",
+    )
+    facts.add_argument(
+        "--haystack",
+        type=_csv(_haystack),
+        default="sentences",
+        help="haystacks, one cell each: sentences, words, repeated or "
+        "real:<kind> (held-out corpus text; default sentences)",
+    )
+    facts.add_argument(
+        "--revised",
+        type=int,
+        default=0,
+        help="facts per stream restated later with a new value (default 0)",
+    )
+    facts.add_argument(
+        "--distractors",
+        type=float,
+        default=0.2,
+        help="share of haystack units that are sentences with numbers (0.2)",
+    )
+    facts.add_argument(
+        "--vocabulary",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="phrasing, keys and filler: held out from training (default)",
+    )
+    facts.add_argument("--samples", type=int, default=8, help="streams per cell (8)")
+    facts.add_argument("--seed", type=int, default=0, help="first probe seed (0)")
+    facts.add_argument("--plot", type=Path, help="write accuracy plots to this PNG")
+    facts.add_argument("--json", action="store_true", help="print one JSON object")
+    facts.add_argument("--out", type=Path, help="also write the JSON report here")
+    facts.set_defaults(func=run_facts)  # fmt: skip
+
+
+def run_facts(args: argparse.Namespace) -> int:
+    if args.samples < 1 or not 0 <= args.distractors <= 1:
+        print("memsvc eval facts: --samples >= 1, --distractors in [0, 1]", file=sys.stderr)
+        return 2
+    if any(args.revised > n for n in args.facts):
+        print("memsvc eval facts: --revised must not exceed any --facts", file=sys.stderr)
+        return 2
+    model = load_eval_model(args)
+    engine = StreamingEngine(model, use_memory=not args.no_memory)
+    console = Console(stderr=True)
+    results, cells = [], []
+    started = time.perf_counter()
+    for haystack in args.haystack:
+        for length in args.lengths:
+            for n in args.facts:
+                for kind in args.values:
+                    cell = FactCell(haystack, length, n, (kind,), args.revised, args.distractors,
+                                    args.vocabulary)  # fmt: skip
+                    seeds = range(args.seed, args.seed + args.samples)
+                    try:
+                        got, stats = evaluate_cell(engine, cell, seeds, model.config.window)
+                    except (ValueError, FileNotFoundError) as error:
+                        print(f"memsvc eval facts: {error}", file=sys.stderr)
+                        return 2
+                    results += got
+                    cells.append(_cell_row(cell, got, stats))
+                    if not args.json:
+                        row = cells[-1]
+                        console.print(
+                            f"{haystack} {length} tokens, {n} {kind} facts: "
+                            f"{row['accuracy']:.1%} of {row['questions']} "
+                            f"({row['updates_per_1k']:.1f} updates / 1k tokens)"
+                        )
+    report = {
+        "model": args.model,
+        "model_hash": model_hash(model),
+        "memory": not args.no_memory,
+        "memory_set": dict(args.memory_set),
+        "vocabulary": args.vocabulary,
+        "distractors": args.distractors,
+        "revised": args.revised,
+        "seconds": round(time.perf_counter() - started, 1),
+        "cells": cells,
+        "summary": summarize(results),
+        "results": result_dicts(results),
+    }
+    if args.plot:
+        from memsvc.eval.plot import plot_results
+
+        try:
+            plot_results(results, args.plot, f"keyed facts: {Path(args.model).name}")
+        except RuntimeError as error:
+            print(f"memsvc eval facts: {error}", file=sys.stderr)
+            return 2
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        Console().print(_table(cells))
+    return 0
+
+
+def _cell_row(cell: FactCell, results: list, stats: StreamStats) -> dict:
+    return {
+        "haystack": cell.haystack,
+        "length": cell.length,
+        "facts": cell.n_facts,
+        "values": list(cell.value_kinds),
+        "revised": cell.revised,
+        "questions": len(results),
+        "accuracy": sum(r.correct for r in results) / len(results),
+        "revised_accuracy": _share([r.correct for r in results if r.revised]),
+        "updates_per_1k": round(stats.updates_per_1k, 2),
+        "write_share": round(stats.write_share, 4),
+        "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9)),
+    }
+
+
+def _share(values: list[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _table(cells: list[dict]) -> Table:
+    table = Table(title="keyed facts (exact match per fact)")
+    for name in ("haystack", "length", "facts", "values", "questions", "exact", "updates/1k"):
+        table.add_column(name, justify="right")
+    for row in cells:
+        table.add_row(row["haystack"], str(row["length"]), str(row["facts"]),
+                      ",".join(row["values"]), str(row["questions"]),
+                      f"{row['accuracy']:.1%}", f"{row['updates_per_1k']:.1f}")  # fmt: skip
+    return table

@@ -1,0 +1,63 @@
+"""Options every `memsvc eval` command shares: the model, its memory knobs, threads."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+
+import torch
+
+from memsvc.memory import MemoryConfig
+from memsvc.model import MAGModel
+from memsvc.model.io import load_model
+from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.runtime import tune_allocator
+
+# Inference-time knobs of the memory: they change no parameter, so a trained model can be
+# evaluated with the write gate or adaptive forgetting switched on (an ablation).
+OVERRIDABLE = ("tau", "surprise_beta", "adaptive_forgetting", "lambda_0", "lambda_max")
+
+
+def parse_override(text: str) -> tuple[str, float | bool]:
+    name, sep, raw = text.partition("=")
+    if not sep or name not in OVERRIDABLE:
+        raise argparse.ArgumentTypeError(
+            f"bad --memory-set {text!r}: NAME=VALUE with NAME one of {', '.join(OVERRIDABLE)}"
+        )
+    kind = {f.name: f.type for f in fields(MemoryConfig)}[name]
+    if kind in (bool, "bool"):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{name} takes true or false, not {raw!r}")
+        return name, raw.lower() in ("true", "1")
+    try:
+        return name, float(raw)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{name} takes a number, not {raw!r}") from error
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model directory")
+    parser.add_argument(
+        "--memory-set",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"override an inference-time memory knob ({', '.join(OVERRIDABLE)}); repeatable",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="sliding window only (ablation)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def load_eval_model(args: argparse.Namespace) -> MAGModel:
+    """The model of `--model` with `--memory-set` applied, on `--device`."""
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    model = load_model(args.model, args.device)
+    if not args.memory_set or model.config.memory is None:
+        return model
+    memory = replace(model.config.memory, **dict(args.memory_set))
+    changed = MAGModel(replace(model.config, memory=memory)).to(args.device)
+    changed.load_state_dict(model.state_dict())
+    return changed.eval()

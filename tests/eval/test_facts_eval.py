@@ -1,0 +1,64 @@
+"""`memsvc eval facts` plumbing: questions asked on copies of the state, scores, slices,
+plots and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from memsvc.engine import StreamingEngine
+from memsvc.eval.facts import FactCell, ask, evaluate_cell, stream, summarize
+from memsvc.eval.plot import plot_results
+from memsvc.train.facts import make_fact_probe
+from tests.engine.conftest import tiny_model
+
+
+def test_asking_leaves_the_streamed_state_unchanged() -> None:
+    engine = StreamingEngine(tiny_model(), max_segment=64)
+    probe = make_fact_probe(0, 900, 3, ("digits",), window=engine.model.config.window)
+    state, (applied, skipped) = stream(engine, probe)
+    before = {k: v.clone() for k, v in state.to_dict().items()}
+    answers = [ask(engine, state, q) for q in probe.questions]
+    assert answers == [ask(engine, state, q) for q in probe.questions]  # same state each time
+    assert all(v.equal(before[k]) for k, v in state.to_dict().items())
+    assert applied > 0 and skipped == 0
+
+
+def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
+    engine = StreamingEngine(tiny_model(), max_segment=64)
+    cell = FactCell("real:code", 900, 4, ("digits", "words"), revised=1)
+    results, stats = evaluate_cell(engine, cell, range(2), engine.model.config.window)
+    assert len(results) == 8 and stats.tokens == 2 * 900
+    assert sum(r.revised for r in results) == 2
+    for r in results:
+        assert r.correct == (r.output == r.answer)
+    summary = summarize(results)
+    assert summary["overall"]["n"] == 8
+    assert sum(row["n"] for row in summary["by_length_depth"]) == 8
+    assert sum(row["n"] for row in summary["by_kind"]) == 8
+    plot_results(results, tmp_path / "facts.png", "test")
+    assert (tmp_path / "facts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_runs_a_cell_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "memsvc.cli", "eval", "facts", "--lengths", "600", "--facts",
+         "2", "--values", "code", "--haystack", "real:german", "--samples", "1", "--threads",
+         "1", "--json", "--out", str(out), "--memory-set", "tau=0.5"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["memory_set"] == {"tau": 0.5}
+    assert report["cells"][0]["questions"] == 2 and len(report["results"]) == 2
+
+
+def test_cli_refuses_a_bad_override() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "memsvc.cli", "eval", "facts", "--memory-set", "dim=3"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "NAME one of" in done.stderr
