@@ -15,7 +15,8 @@ from memsvc.runtime import tune_allocator
 
 # Inference-time knobs of the memory: they change no parameter, so a trained model can be
 # evaluated with the write gate or adaptive forgetting switched on (an ablation).
-OVERRIDABLE = ("tau", "surprise_beta", "adaptive_forgetting", "lambda_0", "lambda_max")
+# max_step raised far above what the model was trained with is an induced update explosion.
+OVERRIDABLE = ("tau", "surprise_beta", "adaptive_forgetting", "lambda_0", "lambda_max", "max_step")
 
 
 def parse_override(text: str) -> tuple[str, float | bool]:

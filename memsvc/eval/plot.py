@@ -12,7 +12,7 @@ from pathlib import Path
 from memsvc.eval.facts import DEPTH_BUCKETS, FactResult, accuracy, depth_bucket
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as error:
@@ -35,7 +35,7 @@ def _label(length: int) -> str:
 def plot_results(results: Sequence[FactResult], path: Path, title: str) -> None:
     """Two panels: a length x depth heat map and accuracy against the number of facts
     (one line per length)."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({r.length for r in results})
     grid = [[float("nan")] * DEPTH_BUCKETS for _ in lengths]
     cells: dict[tuple[int, int], list[FactResult]] = defaultdict(list)

@@ -1,0 +1,163 @@
+"""What the memory does under real traffic: norm, norm growth, update rate and surprise over
+long streams of every haystack kind, and where the session guards would fire.
+
+A stream is appended piece by piece (`piece` tokens, as an agent's appends
+arrive); after each piece the engine's stats become one `TrafficSample`, and a
+`SessionGuard` sees them exactly as the server's guards do (starting once the
+stream is one guard window long). The samples give the distributions the guard
+bounds are set from (`memsvc eval traffic`, docs/GUARDS.md), and the guard's
+decisions show whether a bound would fire on ordinary text.
+
+Adversarial streams beside the real ones: `adversarial:random` (uniform random
+bytes) and `adversarial:repeat` (one byte, repeated).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from memsvc.engine import StreamingEngine
+from memsvc.model.tokenizer import BOS_ID
+from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard
+from memsvc.train.haystack import HAYSTACKS, VOCABULARIES, filler
+
+ADVERSARIAL = ("adversarial:random", "adversarial:repeat")
+STREAMS = HAYSTACKS + ADVERSARIAL
+
+
+@dataclass(frozen=True)
+class TrafficSample:
+    position: int
+    memory_norm: float
+    writes_applied: int
+    writes_skipped: int
+    surprise_ema: float
+
+
+@dataclass(frozen=True)
+class TrafficRun:
+    stream: str
+    tokens: int
+    seconds: float
+    fresh_norm: float
+    samples: tuple[TrafficSample, ...]
+    mitigations: tuple[dict, ...]  # what the guard decided: kind, position, evidence
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stream_bytes(stream: str, seed: int) -> Iterator[bytes]:
+    """The bytes of a stream, forever: held-out haystack text or an adversarial pattern."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r} (one of {', '.join(STREAMS)})")
+    rng = random.Random(f"traffic-{stream}-{seed}")
+    if stream == "adversarial:random":
+        while True:
+            yield rng.randbytes(4096)
+    elif stream == "adversarial:repeat":
+        byte = bytes([rng.randrange(32, 127)])
+        while True:
+            yield byte * 4096
+    else:
+        for unit in filler(rng, stream, VOCABULARIES["heldout"], distractor_rate=0.1, digits=7):
+            yield unit.encode()
+
+
+def run_stream(
+    engine: StreamingEngine,
+    stream: str,
+    tokens: int,
+    guard: GuardConfig,
+    *,
+    piece: int = 1024,
+    seed: int = 0,
+) -> TrafficRun:
+    """Append `tokens` tokens of `stream` in pieces of `piece`, sampling after each."""
+    state = engine.init_state()
+    state, stats = engine.append(state, [BOS_ID])
+    fresh = stats.memory_norm
+    watcher = SessionGuard(guard)
+    samples: list[TrafficSample] = []
+    mitigations: list[dict] = []
+    pending = bytearray()
+    source = stream_bytes(stream, seed)
+    position, seconds = 1, 0.0
+    while position < tokens:
+        while len(pending) < piece:
+            pending += next(source)
+        n = min(piece, tokens - position)
+        ids = torch.tensor(list(pending[:n]), dtype=torch.int64)
+        del pending[:n]
+        began = time.perf_counter()
+        state, stats = engine.append(state, ids)
+        seconds += time.perf_counter() - began
+        position = stats.position
+        sample = TrafficSample(
+            position,
+            stats.memory_norm,
+            stats.writes_applied,
+            stats.writes_skipped,
+            stats.surprise_ema,
+        )
+        samples.append(sample)
+        if position < guard.window_tokens:  # the server's guards start after one window
+            continue
+        check = watcher.observe(
+            GuardSample(position, sample.writes_applied, sample.writes_skipped, sample.memory_norm)
+        )
+        if check.mitigation is not None:
+            m = check.mitigation
+            mitigations.append({"kind": m.kind, "position": m.position, **dict(m.evidence)})
+            state = state.with_mitigation(m.step_scale, m.forget_boost)
+    return TrafficRun(stream, position, seconds, fresh, tuple(samples), tuple(mitigations))
+
+
+def window_growths(run: TrafficRun, window: int) -> list[float]:
+    """Norm growth over every `window` tokens (sample to sample), after the first window."""
+    out = []
+    samples = run.samples
+    j = 0
+    for s in samples:
+        if s.position < 2 * window:
+            continue
+        while samples[j + 1].position <= s.position - window:
+            j += 1
+        out.append(s.memory_norm / max(samples[j].memory_norm, 1e-12))
+    return out
+
+
+def percentiles(values: list[float], qs: tuple[float, ...] = (50, 90, 99, 100)) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        f"p{q:g}": ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] for q in qs
+    }
+
+
+def summarize_run(run: TrafficRun, window: int) -> dict:
+    """The distributions of one stream, as the guard bounds are set from them."""
+    after = [s for s in run.samples if s.position >= window]  # past the warm-up
+    ratios = [s.memory_norm / max(run.fresh_norm, 1e-12) for s in after]
+    first, last = run.samples[0], run.samples[-1]
+    applied = last.writes_applied - first.writes_applied
+    skipped = last.writes_skipped - first.writes_skipped
+    return {
+        "stream": run.stream,
+        "tokens": run.tokens,
+        "tokens_per_s": round(run.tokens / max(run.seconds, 1e-9)),
+        "fresh_norm": run.fresh_norm,
+        "norm_ratio": percentiles(ratios),
+        "norm_growth_per_window": percentiles(window_growths(run, window)),
+        "surprise_ema": percentiles([s.surprise_ema for s in after]),
+        "updates_per_1k": 1000 * applied / max(1, last.position - first.position),
+        "write_share": applied / max(1, applied + skipped),
+        "mitigations": list(run.mitigations),
+        "first_mitigation_at": run.mitigations[0]["position"] if run.mitigations else None,
+    }
