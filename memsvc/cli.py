@@ -14,6 +14,7 @@ from memsvc.client.demo import add_demo_parser
 from memsvc.corpus.cli import add_corpus_parser
 from memsvc.eval.cli import add_niah_parser
 from memsvc.eval.facts_cli import add_facts_parser
+from memsvc.eval.suite import add_suite_parser
 from memsvc.eval.traffic_cli import add_traffic_parser
 from memsvc.obs.top import add_top_parser
 from memsvc.reliability.cli import add_reliability_parser
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_niah_parser(evals)
     add_facts_parser(evals)
     add_traffic_parser(evals)
+    add_suite_parser(evals)
 
     bench = commands.add_parser("bench", help="benchmarks that print their peer beside them")
     benches = bench.add_subparsers(dest="bench", required=True)

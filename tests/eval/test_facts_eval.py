@@ -62,3 +62,20 @@ def test_cli_refuses_a_bad_override() -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "NAME one of" in done.stderr
+
+
+def test_suite_runs_selected_rows_and_writes_its_table(tmp_path: Path) -> None:
+    from memsvc.eval.suite import rows
+
+    names = [row.name for row in rows()]
+    assert len(names) == len(set(names))
+    done = subprocess.run(
+        [sys.executable, "-m", "memsvc.cli", "eval", "suite", "--out", str(tmp_path),
+         "--scale", "0.01", "--rows", "uuid 1 @ 4k,no memory", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["facts uuid 1 @ 4k", "no memory: passkey @ 4k"]
+    assert all(r["n"] == 1 for r in report["rows"])
+    assert "| facts uuid 1 @ 4k |" in (tmp_path / "suite.md").read_text()
