@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
@@ -40,7 +40,7 @@ from memsvc.server.decoding import DecodingInterceptor
 from memsvc.server.guards import StreamGuards, default_guard_config
 from memsvc.server.limits import Limits
 from memsvc.server.rpc_metrics import RpcMetricsInterceptor
-from memsvc.server.scheduler import Scheduler
+from memsvc.server.scheduler import Scheduler, SchedulerConfig
 from memsvc.server.servicer import MemoryServicer
 from memsvc.store.database import Database
 
@@ -70,6 +70,8 @@ class ServerConfig:
     metrics_port: int = 0  # serve /metrics (Prometheus) on this port; 0: not served
     metrics_address: str = "0.0.0.0"
     canary_interval_s: float = 0.0  # seconds between recall canary rounds; 0: no canary
+    # How the model thread's steps are cut and shared, and the generation limits.
+    scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -133,7 +135,7 @@ class MemoryServer:
         """Binds and starts serving; returns the port (useful with port 0)."""
         engine = self._manager.engine
         guards = StreamGuards(self._manager, self.metrics, self.guard_config, engine.chunk_size)
-        self.scheduler = Scheduler(self._manager, guards)
+        self.scheduler = Scheduler(self._manager, guards, self.config.scheduling)
         self.scheduler.start()
         server = grpc.aio.server(
             options=self.config.grpc_options(),

@@ -100,6 +100,30 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="memory norm the guards call saturated (8x a fresh memory's norm)",
     )
+    serve.add_argument(
+        "--segment-tokens",
+        type=int,
+        default=256,
+        help="a bulk append takes turns with other work in segments of this many tokens",
+    )
+    serve.add_argument(
+        "--step-tokens",
+        type=int,
+        default=1024,
+        help="work per scheduler step, in appended tokens (a sampled token counts 16)",
+    )
+    serve.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=4096,
+        help="the most tokens one Query or Generate may ask for (RESOURCE_EXHAUSTED past it)",
+    )
+    serve.add_argument(
+        "--max-generations-per-tenant",
+        type=int,
+        default=4,
+        help="Queries and Generates one tenant may run at once (RESOURCE_EXHAUSTED past it)",
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -131,6 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from memsvc.server.app import MemoryServer, ServerConfig
     from memsvc.server.backends import SetupError, load_engine, open_database, open_tracker
     from memsvc.server.guards import default_guard_config
+    from memsvc.server.scheduler import SchedulerConfig
     from memsvc.sessions.manager import ManagerConfig, SessionManager
 
     if args.threads:
@@ -150,6 +175,12 @@ def run_serve(args: argparse.Namespace) -> int:
             shutdown_grace_s=args.shutdown_grace,
             metrics_port=args.metrics_port,
             canary_interval_s=args.canary_interval,
+            scheduling=SchedulerConfig(
+                segment_tokens=args.segment_tokens,
+                step_tokens=args.step_tokens,
+                max_new_tokens=args.max_new_tokens,
+                max_generations_per_tenant=args.max_generations_per_tenant,
+            ),
         )
         engine = load_engine(args.model, args.device)
         overrides = {

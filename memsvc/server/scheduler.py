@@ -1,38 +1,54 @@
-"""Model work off the event loop, with continuous batching of appends.
+"""The model thread and its steps: iteration-level scheduling of appends, generations
+and queries, fair between tenants.
 
-All model work (appends, queries, generations) runs on one worker thread,
-so the event loop never blocks and forwards never compete for the cores.
-Appends that wait while a step runs are taken together into the next
-`SessionManager.append_many` call, which batches their chunks into shared
-forwards: the more sessions stream at once, the bigger the batches, with no
-timer holding a lone request back. Appends of one session apply in the order
-they arrived (append_many keeps the order of a session's items).
+All model work runs on one thread, so the event loop never blocks and forwards
+never compete for the cores. The thread runs *steps*. A step serves up to
+``step_tokens`` units of work (an appended token is 1, a sampled token
+`SAMPLED_TOKEN_COST`): every running generation and query advances by one
+token, and the appends waiting now are applied together in one
+`SessionManager.append_many` call (batched forwards). No request holds the
+thread for more than one step: a bulk append is cut into ``segment_tokens``
+segments, each durable once applied, that take turns with other work; a long
+query prompt is read one segment per step.
 
-An append whose caller is gone (stream cancelled) or whose deadline passed
-before its step starts is dropped unseen; once its step started it completes
-(and is durable) even if nobody is left to hear the acknowledgement.
+Who gets a step's units is decided by `FairShare` (least-served tenant first),
+so one tenant's long generations or bulk appends cannot starve another
+tenant's small appends. Between steps the thread runs one queued job
+(`call`, `call_soon`: the canary, the guards).
 
-The acknowledged appends of a step then go to the `StreamGuards` (metrics and
-guards), as the next job of the model thread: the acknowledgements do not wait
-for them, and they see a session's appends in order.
+Deadlines and cancellation stop a request's work within one step:
+- an append whose caller is gone or whose deadline passed is not continued:
+  DEADLINE_EXCEEDED, whose message says how many of its tokens went in (those
+  are durable; the session's position says where the stream is);
+- a Query stops and changes nothing (`QueryRun`);
+- a Generate commits exactly the tokens written to its client (`GenerateRun`).
+
+Order: `SessionOrder` keeps a session's calls in the order they arrived;
+appends of one session apply in that order. Limits: ``max_new_tokens`` per
+request and ``max_generations_per_tenant`` running at once (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
 from memsvc.engine import SamplingParams
+from memsvc.server.fairness import FairShare
+from memsvc.server.generations import GenerateRun, QueryRun, Run
+from memsvc.server.ordering import SessionOrder
 from memsvc.server.status import DeadlineExceededError
-from memsvc.sessions.api import AppendResult
+from memsvc.sessions.api import AppendResult, QuotaExceededError
 
 if TYPE_CHECKING:
     from memsvc.server.guards import StreamGuards
@@ -43,7 +59,22 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the model thread's time is cut and shared (module docstring)."""
+
+    segment_tokens: int = 256  # a bulk append takes turns in pieces of this many tokens
+    step_tokens: int = 1024  # units of work per step (a sampled token costs 16)
+    max_new_tokens: int = 4096  # the most a Query or Generate may ask for
+    max_generations_per_tenant: int = 4  # Queries and Generates running at once
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {value}")
+
+
+@dataclass(eq=False)
 class _Append:
     tenant_id: str
     session_id: str
@@ -52,23 +83,50 @@ class _Append:
     done: asyncio.Future[AppendResult]
     deadline: float | None  # time.monotonic() after which nobody waits for it
     received: float  # time.monotonic() when it was queued
+    applied: int = 0  # tokens durable so far
+    result: AppendResult | None = None  # of the last applied segment
+    abandoned: bool = False  # the caller is gone
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or (self.deadline is not None and now >= self.deadline)
+
+
+@dataclass
+class _Step:
+    """What one step serves: append tokens per job (in queue order) and runs to advance."""
+
+    appends: dict[_Append, int] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
 
 
 class Scheduler:
     """Runs a SessionManager's model work; create and use it on the server's event loop."""
 
-    def __init__(self, manager: SessionManager, guards: StreamGuards | None = None) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        guards: StreamGuards | None = None,
+        config: SchedulerConfig | None = None,
+    ) -> None:
         self._manager = manager
         self._guards = guards
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memsvc-model")
-        self._queue: deque[_Append] = deque()
-        self._wakeup = asyncio.Event()
-        self._runner: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.config = config or SchedulerConfig()
+        self._fair = FairShare()
+        self._order = SessionOrder()
+        self._wake = threading.Condition()  # guards the queues below
+        self._appends: dict[str, deque[_Append]] = {}  # per tenant, in arrival order
+        self._runs: list[Run] = []
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._running: dict[str, int] = {}  # runs per tenant (event loop)
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="memsvc-model", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    # ---- appends -----------------------------------------------------------------------
 
     async def append(
         self,
@@ -78,136 +136,375 @@ class Scheduler:
         timeout_s: float | None,
         expected_position: int | None = None,
     ) -> AppendResult:
-        """Appends through the next batched step; returns once the tokens are durable.
-        If timeout_s passes before its step starts, it is dropped (DeadlineExceededError).
-        expected_position: see SessionManager.append."""
-        done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        """Appends in segments that take turns with other work; returns once all are durable.
+        Past timeout_s: DeadlineExceededError saying how many tokens went in (see
+        `PartialAppendError`). expected_position: see SessionManager.append."""
+        loop = self._event_loop()
         now = time.monotonic()
-        deadline = None if timeout_s is None else now + timeout_s
-        self._queue.append(
-            _Append(tenant_id, session_id, tokens, expected_position, done, deadline, now)
+        done: asyncio.Future[AppendResult] = loop.create_future()
+        item = _Append(
+            tenant_id,
+            session_id,
+            tokens,
+            expected_position,
+            done,
+            None if timeout_s is None else now + timeout_s,
+            now,
         )
-        self._idle.clear()
-        self._wakeup.set()
-        return await done
+        queued = False
+        try:
+            await self._order.append(session_id, done)
+            self._submit(lambda: self._appends.setdefault(tenant_id, deque()).append(item))
+            queued = True
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # Queued: the model thread drops it (a segment under way completes first,
+            # and its session's next call waits for that).
+            item.abandoned = True
+            if queued:
+                done.add_done_callback(_consume)
+                self._poke()
+            else:
+                done.cancel()
+            raise
+
+    # ---- generations and queries -------------------------------------------------------
+
+    def check_request(self, tenant_id: str, params: SamplingParams) -> None:
+        """QuotaExceededError if the request asks past the server's limits (nothing done)."""
+        most = self.config.max_new_tokens
+        if params.max_new_tokens > most:
+            raise QuotaExceededError(
+                f"max_new_tokens {params.max_new_tokens} is over this server's limit of {most}"
+            )
+        running, cap = self._running.get(tenant_id, 0), self.config.max_generations_per_tenant
+        if running >= cap:
+            raise QuotaExceededError(
+                f"the tenant has {running} queries and generations running, the most this "
+                f"server allows at once; wait for one to finish"
+            )
+
+    @asynccontextmanager
+    async def generate(
+        self,
+        tenant_id: str,
+        session_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        timeout_s: float | None,
+    ) -> AsyncIterator[GenerateRun]:
+        """A Generate, stepped in lockstep with its client (`GenerateRun`): iterate its
+        `tokens()`, call `delivered()` after writing each. Leaving the block early (the
+        client cancelled) commits the prompt and the delivered tokens only."""
+        self.check_request(tenant_id, params)
+        with self._counted(tenant_id):
+            segment = self.config.segment_tokens
+            if len(prompt) > segment:  # all but the last segment are read as appends
+                await self.append(tenant_id, session_id, prompt[:-segment], timeout_s)
+                prompt = prompt[-segment:]
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            async with self._order.exclusive(session_id):
+                run = GenerateRun(
+                    self._event_loop(),
+                    lambda: self._manager.generate(tenant_id, session_id, prompt, params),
+                    self._poke,
+                    tenant_id,
+                    session_id,
+                    deadline,
+                )
+                self._submit(lambda: self._runs.append(run))
+                try:
+                    yield run
+                finally:
+                    run.abandon()
+                    await asyncio.shield(run.ended.wait())  # its commit ends its turn
+
+    async def query(
+        self,
+        tenant_id: str,
+        session_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        timeout_s: float | None,
+    ) -> list[int]:
+        """A Query on a snapshot taken in the session's order; it stops at its deadline
+        (DeadlineExceededError) and never changes the session."""
+        self.check_request(tenant_id, params)
+        with self._counted(tenant_id):
+            async with self._order.exclusive(session_id):
+                snapshot = await self.call(self._manager.snapshot, tenant_id, session_id)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            run = QueryRun(
+                self._event_loop(),
+                self._manager.engine,
+                snapshot,
+                prompt,
+                params,
+                self.config.segment_tokens,
+                tenant_id,
+                session_id,
+                deadline,
+            )
+            self._submit(lambda: self._runs.append(run))
+            try:
+                return await asyncio.shield(run.answer)
+            except asyncio.CancelledError:
+                run.abandoned = True
+                self._poke()
+                raise
+
+    # ---- other work --------------------------------------------------------------------
+
+    async def ordered(self, session_id: str, fn: Callable[..., T], *args: object) -> T:
+        """Runs ``fn`` on a worker thread once the session's earlier calls have finished
+        (checkpoint, fork, export, delete: they do file and SQL work, not model work)."""
+        async with self._order.exclusive(session_id):
+            return await asyncio.to_thread(fn, *args)
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Runs other model work (a query) on the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        """Runs other model work on the model thread, between two steps."""
+        future: Future[T] = Future()
+
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:
+                    future.set_exception(error)
+
+        self._submit(lambda: self._jobs.append(job))
+        return await asyncio.wrap_future(future)
 
     def call_soon(self, fn: Callable[..., object], *args: object) -> None:
         """Queues work on the model thread without waiting for it; its errors are logged."""
-        self._worker.submit(_logging_errors, fn, *args)
+        self._submit(lambda: self._jobs.append(lambda: _logging_errors(fn, *args)))
 
-    def generate(
-        self, tenant_id: str, session_id: str, prompt: Sequence[int], params: SamplingParams
-    ) -> tuple[AsyncIterator[int], asyncio.Future[str | None]]:
-        """Samples on the model thread; returns the tokens as they come and the finish reason.
-
-        The whole generation is one job: a generation holds its session's lock
-        until it ends, so its steps must not queue behind model work that waits
-        for that lock. Leaving the iteration early stops the sampling; what was
-        sampled by then becomes part of the stream.
-        """
-        loop = asyncio.get_running_loop()
-        sampled: asyncio.Queue[int | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def run() -> str | None:
-            try:
-                steps = self._manager.generate(tenant_id, session_id, prompt, params)
-                try:
-                    for token in steps:
-                        loop.call_soon_threadsafe(sampled.put_nowait, token)
-                        if stop.is_set():
-                            break
-                finally:
-                    steps.close()  # commits what was sampled, releases the session
-                return steps.finish_reason
-            finally:
-                loop.call_soon_threadsafe(sampled.put_nowait, None)
-
-        async def tokens() -> AsyncIterator[int]:
-            try:
-                while (token := await sampled.get()) is not None:
-                    yield token
-            finally:
-                stop.set()
-
-        return tokens(), loop.run_in_executor(self._worker, run)
+    def idle(self) -> bool:
+        """Nothing queued or running (the server has gone quiet)."""
+        with self._wake:
+            return not (self._runs or self._jobs or any(self._appends.values()))
 
     async def close(self) -> None:
-        """Finishes the queued appends, then stops the worker (after the server stopped)."""
-        await self._idle.wait()
-        if self._runner is not None:
-            self._runner.cancel()
-        self._worker.shutdown(wait=True)
+        """Finishes the queued work, then stops the model thread (after the server stopped)."""
+        while not self.idle():
+            await asyncio.sleep(0.01)
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
 
-    async def _run(self) -> None:
+    # ---- event loop internals ----------------------------------------------------------
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "Scheduler.start() first"
+        return self._loop
+
+    def _poke(self) -> None:
+        """Wakes the model thread: a run may be stepped or stopped."""
+        self._submit(_nothing)
+
+    def _submit(self, change: Callable[[], object]) -> None:
+        with self._wake:
+            change()
+            self._wake.notify()
+
+    def _counted(self, tenant_id: str) -> _Counted:
+        return _Counted(self._running, tenant_id)
+
+    # ---- the model thread --------------------------------------------------------------
+
+    def _work(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                for item, result in await self.call(self._apply_waiting):
-                    if item.done.done():
-                        continue
-                    if isinstance(result, Exception):
-                        item.done.set_exception(result)
-                    else:
-                        item.done.set_result(result)
-            self._idle.set()
-
-    def _apply_waiting(self) -> list[tuple[_Append, AppendResult | Exception]]:
-        """On the model thread: every append waiting now, in one step.
-
-        The batch is taken here, when the thread is free, not when the appends
-        arrived: whatever queued up while it was busy (a long query, the previous
-        step) shares this step. Appends whose caller is gone or whose deadline has
-        passed are dropped unapplied.
-        """
-        batch = []
-        while self._queue:
-            batch.append(self._queue.popleft())  # deque pops are atomic
-        now = time.monotonic()
-        live = [
-            i
-            for i, item in enumerate(batch)
-            if not item.done.done() and (item.deadline is None or now < item.deadline)
-        ]
-        late = DeadlineExceededError("the deadline passed before the append was applied")
-        results: list[AppendResult | Exception] = [late] * len(batch)
-        if live:
-            items = [
-                (
-                    batch[i].tenant_id,
-                    batch[i].session_id,
-                    batch[i].tokens,
-                    batch[i].expected_position,
-                )
-                for i in live
-            ]
+            with self._wake:
+                while not (self._closing or self._jobs or self._has_work()):
+                    self._wake.wait()
+                if self._closing and not (self._jobs or self._has_work()):
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+            if job is not None:
+                job()
             try:
-                applied = self._manager.append_many(items)
-            except Exception as error:  # the whole step failed: each caller hears why
-                log.exception("append_step_failed", appends=len(items))
-                applied = [error] * len(items)
-            for i, result in zip(live, applied, strict=True):
-                results[i] = result
-        if self._guards is not None:
-            durable = time.monotonic()
-            acknowledged = [
-                (item.tenant_id, result, durable - item.received)
-                for item, result in zip(batch, results, strict=True)
-                if isinstance(result, AppendResult)
-            ]
-            if acknowledged:
-                self.call_soon(self._observe, acknowledged)
-        return list(zip(batch, results, strict=True))
+                self._step()
+            except Exception:  # a bug: keep serving the others
+                log.exception("scheduler_step_failed")
 
-    def _observe(self, acknowledged: list[tuple[str, AppendResult, float]]) -> None:
-        assert self._guards is not None
-        for tenant_id, result, seconds in acknowledged:
-            self._guards.observe(tenant_id, result, seconds)
+    def _has_work(self) -> bool:
+        now = time.monotonic()
+        return any(self._appends.values()) or any(
+            run.ready() or run.expired(now) for run in self._runs
+        )
+
+    def _step(self) -> None:
+        """One step: drop what expired, pick work fairly, run it, settle it."""
+        now = time.monotonic()
+        with self._wake:
+            expired_appends = [
+                a for q in self._appends.values() for a in q if a.expired(now) or a.done.done()
+            ]
+            for item in expired_appends:
+                self._appends[item.tenant_id].remove(item)
+            expired_runs = [run for run in self._runs if run.expired(now)]
+            self._runs = [run for run in self._runs if run not in expired_runs]
+            step = self._pick()
+        for item in expired_appends:
+            self._settle(item, _late(item))
+        for run in expired_runs:
+            run.stop()
+        for run in step.runs:
+            if not run.finished:
+                run.advance()
+        if step.appends:
+            self._apply(step.appends)
+        with self._wake:
+            self._runs = [run for run in self._runs if not run.finished]
+
+    def _pick(self) -> _Step:
+        """The step's work, unit by unit to the least-served tenant (lock held)."""
+        for tenant_id in [t for t, q in self._appends.items() if not q]:
+            del self._appends[tenant_id]
+        offers = {t: self._offers(t) for t in {*self._appends, *(r.tenant_id for r in self._runs)}}
+        self._fair.wake(offers)
+        step, budget = _Step(), self.config.step_tokens
+        while budget > 0 and offers:
+            tenant_id = self._fair.next(offers)
+            assert tenant_id is not None
+            unit = next(offers[tenant_id], None)
+            if unit is None:
+                del offers[tenant_id]
+                continue
+            if isinstance(unit, Run):
+                step.runs.append(unit)
+                cost = unit.cost()
+            else:
+                item, tokens = unit
+                step.appends[item] = step.appends.get(item, 0) + tokens
+                cost = tokens
+            self._fair.charge(tenant_id, cost)
+            budget -= cost
+        return step
+
+    def _offers(self, tenant_id: str) -> Iterator[Run | tuple[_Append, int]]:
+        """A tenant's units in the order it wants them: each ready run once, then its
+        appends' segments, round robin over its sessions (a session's in order)."""
+        for run in self._runs:
+            if run.tenant_id == tenant_id and run.ready():
+                yield run
+        lines: dict[str, deque[_Append]] = {}
+        for item in self._appends.get(tenant_id, ()):
+            lines.setdefault(item.session_id, deque()).append(item)
+        taken: dict[_Append, int] = {}
+        while lines:
+            for session_id in list(lines):
+                line = lines[session_id]
+                item = line[0]
+                left = len(item.tokens) - item.applied - taken.get(item, 0)
+                tokens = min(left, self.config.segment_tokens)
+                taken[item] = taken.get(item, 0) + tokens
+                if tokens == left:
+                    line.popleft()
+                    if not line:
+                        del lines[session_id]
+                yield item, tokens
+
+    def _apply(self, picked: dict[_Append, int]) -> None:
+        """The step's appends in one batched call; each job's taken segments are one item."""
+        jobs = list(picked)
+        items = [
+            (
+                job.tenant_id,
+                job.session_id,
+                job.tokens[job.applied : job.applied + picked[job]],
+                job.expected_position if job.applied == 0 else None,
+            )
+            for job in jobs
+        ]
+        try:
+            results = self._manager.append_many(items)
+        except Exception as error:  # the whole step failed: each caller hears why
+            log.exception("append_step_failed", appends=len(items))
+            results = [error] * len(items)
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, Exception):
+                with self._wake:
+                    self._drop(job)
+                self._settle(job, result)
+                continue
+            job.applied += picked[job]
+            job.result = result
+            if job.applied == len(job.tokens):
+                with self._wake:
+                    self._drop(job)
+                self._settle(job, dataclasses.replace(result, appended=job.applied))
+
+    def _drop(self, job: _Append) -> None:
+        line = self._appends.get(job.tenant_id)
+        if line is not None and job in line:
+            line.remove(job)
+
+    def _settle(self, job: _Append, outcome: AppendResult | Exception) -> None:
+        """Answers the caller (on the loop) and feeds the guards (a later job)."""
+        loop = self._event_loop()
+        loop.call_soon_threadsafe(_resolve, job.done, outcome)
+        if self._guards is not None and isinstance(outcome, AppendResult):
+            seconds = time.monotonic() - job.received
+            guards = self._guards
+            with self._wake:
+                self._jobs.append(lambda: guards.observe(job.tenant_id, outcome, seconds))
+
+
+class PartialAppendError(DeadlineExceededError):
+    """The deadline ended an append after some of its segments were durable."""
+
+    def __init__(self, message: str, applied: int) -> None:
+        super().__init__(message)
+        self.applied = applied
+
+
+class _Counted:
+    """Counts a tenant's running queries and generations while it is held."""
+
+    def __init__(self, running: dict[str, int], tenant_id: str) -> None:
+        self._running, self._tenant_id = running, tenant_id
+
+    def __enter__(self) -> None:
+        self._running[self._tenant_id] = self._running.get(self._tenant_id, 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        left = self._running[self._tenant_id] - 1
+        if left:
+            self._running[self._tenant_id] = left
+        else:
+            del self._running[self._tenant_id]
+
+
+def _late(job: _Append) -> Exception:
+    if job.applied == 0:
+        return DeadlineExceededError("the deadline passed before the append was applied")
+    position = job.result.position if job.result is not None else "?"
+    return PartialAppendError(
+        f"the deadline passed after {job.applied} of the append's {len(job.tokens)} tokens "
+        f"went in (durable; the session is at position {position}); append the rest",
+        job.applied,
+    )
+
+
+def _resolve(future: asyncio.Future[Any], outcome: object) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _nothing() -> None:
+    """Submitted only to wake the model thread."""
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieves the outcome nobody waits for (asyncio would warn of it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _logging_errors(fn: Callable[..., object], *args: object) -> None:

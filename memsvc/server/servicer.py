@@ -21,7 +21,7 @@ from memsvc.server import convert
 from memsvc.server.auth import Authenticator, Tenant
 from memsvc.server.guards import StreamGuards
 from memsvc.server.limits import Limits, RateLimiter, checked_tokens
-from memsvc.server.scheduler import Scheduler
+from memsvc.server.scheduler import PartialAppendError, Scheduler
 from memsvc.server.status import ShuttingDownError, check_deadline, rpc
 from memsvc.sessions.api import AppendResult, InvalidRequestError
 
@@ -81,7 +81,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
         tenant = await self._caller(context, request.session_id)
-        await asyncio.to_thread(self._manager.delete, tenant.tenant_id, request.session_id)
+        await self._scheduler.ordered(
+            request.session_id, self._manager.delete, tenant.tenant_id, request.session_id
+        )
         if self._guards is not None:
             self._scheduler.call_soon(self._guards.forget, request.session_id)
         return pb.DeleteSessionResponse()
@@ -98,14 +100,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @rpc
     async def Query(self, request: pb.QueryRequest, context: Context) -> pb.QueryAnswer:
         tenant = await self._caller(context, request.session_id)
-        return await self._query(tenant, request.session_id, request.prompt)
+        return await self._query(tenant, request.session_id, request.prompt, context)
 
     @rpc
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GeneratedTokens]:
         tenant = await self._caller(context, request.session_id)
-        async for message in self._generate(tenant, request.session_id, request.prompt):
+        async for message in self._generate(tenant, request.session_id, request.prompt, context):
             yield message
 
     @rpc
@@ -132,10 +134,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     )
                     yield pb.StreamResponse(request_id=rid, ack=convert.append_ack(result))
                 elif op == "query":
-                    answer = await self._query(tenant, session_id, request.query)
+                    answer = await self._query(tenant, session_id, request.query, context)
                     yield pb.StreamResponse(request_id=rid, answer=answer)
                 elif op == "generate":
-                    async for message in self._generate(tenant, session_id, request.generate):
+                    generated = self._generate(tenant, session_id, request.generate, context)
+                    async for message in generated:
                         yield pb.StreamResponse(request_id=rid, generated=message)
                 else:
                     raise InvalidRequestError(
@@ -151,8 +154,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self, request: pb.CheckpointRequest, context: Context
     ) -> pb.CheckpointInfo:
         tenant = await self._caller(context, request.session_id)
-        info = await asyncio.to_thread(
-            self._manager.checkpoint, tenant.tenant_id, request.session_id
+        info = await self._scheduler.ordered(
+            request.session_id, self._manager.checkpoint, tenant.tenant_id, request.session_id
         )
         return convert.checkpoint_info(info)
 
@@ -165,8 +168,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         chunk_bytes = request.chunk_bytes or min(DEFAULT_EXPORT_CHUNK_BYTES, most)
         if chunk_bytes > most:
             raise InvalidRequestError(f"chunk_bytes {chunk_bytes} is over the message limit {most}")
-        chunks: Iterator[bytes] = await asyncio.to_thread(
-            self._manager.export, tenant.tenant_id, request.session_id, chunk_bytes
+        chunks: Iterator[bytes] = await self._scheduler.ordered(
+            request.session_id,
+            self._manager.export,
+            tenant.tenant_id,
+            request.session_id,
+            chunk_bytes,
         )
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             yield pb.ExportChunk(data=chunk)
@@ -188,8 +195,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @rpc
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.Session:
         tenant = await self._caller(context, request.session_id)
-        info = await asyncio.to_thread(
-            self._manager.fork, tenant.tenant_id, request.session_id, request.name
+        info = await self._scheduler.ordered(
+            request.session_id,
+            self._manager.fork,
+            tenant.tenant_id,
+            request.session_id,
+            request.name,
         )
         return convert.session(info)
 
@@ -216,6 +227,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             return await self._scheduler.append(
                 tenant.tenant_id, session_id, tokens, timeout_s, expected
             )
+        except PartialAppendError as error:  # its first segments went in
+            self._rate.refund(tenant, len(tokens) - error.applied)
+            raise
         except Exception:
             self._rate.refund(tenant, len(tokens))
             raise
@@ -227,15 +241,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if prompt.input.HasField("expected_position"):
             raise InvalidRequestError("prompt.input.expected_position applies to appends only")
         params = convert.sampling_params(prompt.params)
+        self._scheduler.check_request(tenant.tenant_id, params)
         charged = len(tokens) + params.max_new_tokens
         self._rate.take(tenant, charged)
         return tokens, params, charged
 
-    async def _query(self, tenant: Tenant, session_id: str, prompt: pb.Prompt) -> pb.QueryAnswer:
+    async def _query(
+        self, tenant: Tenant, session_id: str, prompt: pb.Prompt, context: Context
+    ) -> pb.QueryAnswer:
         tokens, params, charged = self._prompt(tenant, prompt)
         try:
-            answer = await self._scheduler.call(
-                self._manager.query, tenant.tenant_id, session_id, tokens, params
+            answer = await self._scheduler.query(
+                tenant.tenant_id, session_id, tokens, params, check_deadline(context)
             )
         except Exception:
             self._rate.refund(tenant, charged)
@@ -243,19 +260,25 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return convert.query_answer(answer)
 
     async def _generate(
-        self, tenant: Tenant, session_id: str, prompt: pb.Prompt
+        self, tenant: Tenant, session_id: str, prompt: pb.Prompt, context: Context
     ) -> AsyncIterator[pb.GeneratedTokens]:
-        """Each sampled token as it comes, then the closing message with the finish reason."""
+        """Each sampled token as it comes, then the closing message with the finish reason.
+
+        A token counts as delivered once its message is written (the generator resumes
+        after the write): the session commits the prompt and exactly the delivered
+        tokens if the call ends early (`GenerateRun`)."""
         tokens, params, charged = self._prompt(tenant, prompt)
-        sampled, finished = self._scheduler.generate(tenant.tenant_id, session_id, tokens, params)
         try:
-            async for token in sampled:
-                yield pb.GeneratedTokens(token_ids=[token])
-            reason = await finished
+            async with self._scheduler.generate(
+                tenant.tenant_id, session_id, tokens, params, check_deadline(context)
+            ) as run:
+                async for token in run.tokens():
+                    yield pb.GeneratedTokens(token_ids=[token])
+                    run.delivered()
         except Exception:
             self._rate.refund(tenant, charged)
             raise
-        yield pb.GeneratedTokens(done=True, finish_reason=reason or "")
+        yield pb.GeneratedTokens(done=True, finish_reason=run.finish_reason or "")
 
 
 class _ShutdownWatch:

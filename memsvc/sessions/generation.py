@@ -5,8 +5,9 @@ or closed, so nothing else steps the session in between. What the client has
 seen becomes part of the stream: when the iterator is exhausted, the prompt
 and every yielded token are appended, logged and durable before
 StopIteration; when it is closed early, the prompt and the tokens yielded so
-far are. An iterator dropped without being closed is closed when it is
-garbage-collected (with a warning): the session's lock must not leak.
+far are (or only the first ``keep`` of them: `close`). An iterator dropped
+without being closed is closed when it is garbage-collected (with a warning):
+the session's lock must not leak.
 One consumer at a time; each call may come from a different thread.
 """
 
@@ -66,9 +67,12 @@ class SessionGeneration(Iterator[int]):
         self._yielded.append(token)
         return token
 
-    def close(self) -> None:
-        """Appends the prompt and the tokens yielded so far, and frees the session."""
+    def close(self, keep: int | None = None) -> None:
+        """Appends the prompt and the tokens yielded so far (only the first ``keep`` of
+        them if given: those its client received), and frees the session."""
         if not self._done:
+            if keep is not None:
+                del self._yielded[keep:]
             self._finish(None)
 
     def _finish(self, state: ModelState | None) -> None:

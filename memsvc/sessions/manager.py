@@ -369,6 +369,14 @@ class SessionManager:
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
 
+    def snapshot(self, tenant_id: str, session_id: str) -> ModelState:
+        """The session's state now, to read without changing it (states are never
+        modified in place, so later appends do not reach it)."""
+        self._check_open()
+        session = self._resolve(tenant_id, session_id)
+        with self._holding(session):
+            return self._ready(session)
+
     # ---- durability and residency -------------------------------------------------------
 
     def checkpoint(self, tenant_id: str, session_id: str) -> CheckpointInfo:

@@ -1,0 +1,217 @@
+"""Generations and queries that the scheduler advances one token per step.
+
+`GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
+runs in lockstep with the client's stream: a token is sampled only after
+the previous one was written to the client, so at most one sampled token
+is ever unwritten. When the client cancels, or the deadline ends the call,
+the session commits the prompt and exactly the tokens written (a token
+counts once the server has finished writing its message); the one sampled
+but not written is dropped. Run to its end, everything sampled was written.
+
+`QueryRun` is a Query: it samples from a snapshot of the state, so nothing
+it does changes the session. Its prompt is read in pieces (one per step),
+and past its deadline, or once its caller is gone, it stops within one step.
+
+The event loop owns the public side (`tokens`, `delivered`, `abandon`,
+`answer`); the model thread calls `advance` and `stop` (the scheduler's
+step). Flags cross threads as single attribute writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import torch
+
+from memsvc.engine import Generation, SamplingParams, StreamingEngine
+from memsvc.model import ModelState
+from memsvc.server.fairness import SAMPLED_TOKEN_COST
+from memsvc.server.status import DeadlineExceededError
+from memsvc.sessions.api import InvalidRequestError
+from memsvc.sessions.generation import SessionGeneration
+
+_END = object()
+
+
+class Run:
+    """What the scheduler needs of a generation or a query."""
+
+    def __init__(self, tenant_id: str, session_id: str, deadline: float | None) -> None:
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.deadline = deadline  # time.monotonic(); None: none
+        self.abandoned = False  # the caller is gone (set on the event loop)
+        self.finished = False  # set on the model thread once it ended and committed
+
+    def ready(self) -> bool:
+        """Whether a step may advance it now."""
+        return not self.finished
+
+    def cost(self) -> int:
+        """Fair-share units of its next advance."""
+        return SAMPLED_TOKEN_COST
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or (self.deadline is not None and now >= self.deadline)
+
+    def advance(self) -> None:
+        """One step's work (model thread)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ends it early, past its deadline or with its caller gone (model thread)."""
+        raise NotImplementedError
+
+
+class GenerateRun(Run):
+    """A Generate in lockstep with its stream (module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        start: Callable[[], SessionGeneration],
+        wake: Callable[[], None],
+        tenant_id: str,
+        session_id: str,
+        deadline: float | None,
+    ) -> None:
+        super().__init__(tenant_id, session_id, deadline)
+        self._loop = loop
+        self._start = start
+        self._wake = wake  # tells the model thread it may step this run again
+        self._generation: SessionGeneration | None = None
+        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._sampled = 0  # model thread
+        self._written = 0  # event loop
+        self.finish_reason: str | None = None
+        self.ended = asyncio.Event()  # set once it ended and committed
+
+    # ---- event loop --------------------------------------------------------------------
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """The sampled tokens; call `delivered` after writing each one."""
+        while (item := await self._out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, int)
+            yield item
+
+    def delivered(self) -> None:
+        """The last token given out has been written to the client: sample the next."""
+        self._written += 1
+        self._wake()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._wake()
+
+    # ---- model thread ------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return not self.finished and self._sampled == self._written
+
+    def expired(self, now: float) -> bool:
+        # The deadline ends the call on the event loop (the stream is cancelled, and
+        # `abandon` follows): judged there, what was written is known exactly.
+        return self.abandoned
+
+    def advance(self) -> None:
+        try:
+            if self._generation is None:
+                self._generation = self._start()
+            token = next(self._generation)
+        except StopIteration:
+            assert self._generation is not None
+            self.finish_reason = self._generation.finish_reason
+            self._end(_END)
+            return
+        except Exception as error:
+            self._end(error if self._generation is not None else _translated(error))
+            return
+        self._sampled += 1
+        self._loop.call_soon_threadsafe(self._out.put_nowait, token)
+
+    def stop(self) -> None:
+        if self._generation is not None:
+            try:
+                self._generation.close(keep=self._written)
+            except Exception as error:
+                self._end(error)
+                return
+        self._end(_END)
+
+    def _end(self, item: object) -> None:
+        self.finished = True
+        self._loop.call_soon_threadsafe(self._out.put_nowait, item)
+        self._loop.call_soon_threadsafe(self.ended.set)
+
+
+class QueryRun(Run):
+    """A Query on a snapshot (module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        engine: StreamingEngine,
+        snapshot: ModelState,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        piece_tokens: int,
+        tenant_id: str,
+        session_id: str,
+        deadline: float | None,
+    ) -> None:
+        super().__init__(tenant_id, session_id, deadline)
+        self._loop = loop
+        self._engine = engine
+        self._state = snapshot
+        self._params = params
+        ids = torch.as_tensor(list(prompt), dtype=torch.int64)
+        # All but the last piece are read as appends to the snapshot; sampling starts
+        # from the last piece.
+        self._pieces = list(ids.split(piece_tokens))
+        self._generation: Generation | None = None
+        self._sampled: list[int] = []
+        self.answer: asyncio.Future[list[int]] = loop.create_future()
+
+    def cost(self) -> int:
+        if self._generation is None and len(self._pieces) > 1:
+            return len(self._pieces[0])
+        return SAMPLED_TOKEN_COST
+
+    def advance(self) -> None:
+        try:
+            if self._generation is None:
+                if len(self._pieces) > 1:
+                    self._state, _ = self._engine.append(self._state, self._pieces.pop(0))
+                    return
+                self._generation = self._engine.generate(self._state, self._pieces[0], self._params)
+            self._sampled.append(next(self._generation))
+        except StopIteration:
+            self._end(list(self._sampled))
+        except Exception as error:
+            self._end(_translated(error))
+
+    def stop(self) -> None:
+        self._end(DeadlineExceededError("the query's deadline passed; the session is unchanged"))
+
+    def _end(self, outcome: list[int] | BaseException) -> None:
+        self.finished = True
+        self._loop.call_soon_threadsafe(_settle, self.answer, outcome)
+
+
+def _settle(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _translated(error: Exception) -> Exception:
+    """The engine refuses bad params or prompts with ValueError: INVALID_ARGUMENT."""
+    if isinstance(error, ValueError) and not isinstance(error, InvalidRequestError):
+        return InvalidRequestError(str(error))
+    return error
