@@ -58,6 +58,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+DEADLINE_MARGIN_S = 0.5  # at most this (and 20% of the timeout) before an append's deadline
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -142,13 +144,16 @@ class Scheduler:
         loop = self._event_loop()
         now = time.monotonic()
         done: asyncio.Future[AppendResult] = loop.create_future()
+        # Stop taking segments a little early, so the answer saying how much went in
+        # reaches the client before gRPC ends the call at the deadline itself.
+        margin = 0.0 if timeout_s is None else min(DEADLINE_MARGIN_S, 0.2 * timeout_s)
         item = _Append(
             tenant_id,
             session_id,
             tokens,
             expected_position,
             done,
-            None if timeout_s is None else now + timeout_s,
+            None if timeout_s is None else now + timeout_s - margin,
             now,
         )
         queued = False
@@ -203,21 +208,30 @@ class Scheduler:
                 await self.append(tenant_id, session_id, prompt[:-segment], timeout_s)
                 prompt = prompt[-segment:]
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            async with self._order.exclusive(session_id):
-                run = GenerateRun(
-                    self._event_loop(),
-                    lambda: self._manager.generate(tenant_id, session_id, prompt, params),
-                    self._poke,
-                    tenant_id,
-                    session_id,
-                    deadline,
-                )
-                self._submit(lambda: self._runs.append(run))
-                try:
-                    yield run
-                finally:
-                    run.abandon()
-                    await asyncio.shield(run.ended.wait())  # its commit ends its turn
+            run = GenerateRun(
+                self._event_loop(),
+                lambda: self._manager.generate(tenant_id, session_id, prompt, params),
+                self._poke,
+                tenant_id,
+                session_id,
+                deadline,
+            )
+            # The session's turn is a task of its own, so that it ends with the run
+            # (its commit) even when the caller's stream is torn down without a close.
+            turn = asyncio.ensure_future(self._generate_in_turn(run))
+            try:
+                yield run
+            finally:
+                run.abandon()
+                await asyncio.shield(turn)
+
+    async def _generate_in_turn(self, run: GenerateRun) -> None:
+        async with self._order.exclusive(run.session_id):
+            if run.abandoned:  # the caller left while it waited
+                run.stop()
+                return
+            self._submit(lambda: self._runs.append(run))
+            await run.ended.wait()
 
     async def query(
         self,
@@ -250,6 +264,7 @@ class Scheduler:
                 return await asyncio.shield(run.answer)
             except asyncio.CancelledError:
                 run.abandoned = True
+                run.answer.add_done_callback(_consume)
                 self._poke()
                 raise
 
@@ -344,12 +359,13 @@ class Scheduler:
             for item in expired_appends:
                 self._appends[item.tenant_id].remove(item)
             expired_runs = [run for run in self._runs if run.expired(now)]
-            self._runs = [run for run in self._runs if run not in expired_runs]
-            step = self._pick()
         for item in expired_appends:
             self._settle(item, _late(item))
         for run in expired_runs:
-            run.stop()
+            run.stop()  # a Generate commits here, before the server counts as idle
+        with self._wake:
+            self._runs = [run for run in self._runs if not run.finished]
+            step = self._pick()
         for run in step.runs:
             if not run.finished:
                 run.advance()

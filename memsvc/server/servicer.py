@@ -272,6 +272,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             async with self._scheduler.generate(
                 tenant.tenant_id, session_id, tokens, params, check_deadline(context)
             ) as run:
+                # A cancelled call may tear the stream down without closing this generator
+                # at once; the run must stop (and commit) all the same.
+                context.add_done_callback(lambda _: run.abandon())
                 async for token in run.tokens():
                     yield pb.GeneratedTokens(token_ids=[token])
                     run.delivered()

@@ -1,0 +1,266 @@
+"""The step scheduler through real gRPC: deadlines, cancellation, order and limits.
+
+Each test starts a server on loopback with the tiny model; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memsvc.engine import StreamingEngine
+from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.server.app import ServerConfig
+from memsvc.server.scheduler import Scheduler, SchedulerConfig
+from tests.server.harness import (
+    ADMIN_KEY,
+    MAX_MESSAGE_BYTES,
+    MAX_TOKENS_PER_REQUEST,
+    Service,
+    TenantKey,
+    start_service,
+    stop_service,
+)
+
+SCHEDULING = SchedulerConfig(
+    segment_tokens=64, step_tokens=256, max_new_tokens=100_000, max_generations_per_tenant=2
+)
+
+
+@pytest.fixture
+def served(tmp_path: Path, engine: StreamingEngine) -> Iterator[Service]:
+    """A server whose limits let a Query run for minutes (it must be stopped by its deadline)."""
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        admin_key=ADMIN_KEY,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+        shutdown_grace_s=5.0,
+        scheduling=SCHEDULING,
+    )
+    running = start_service(tmp_path / "data", engine, config)
+    yield running
+    stop_service(running)
+
+
+def _scheduler(service: Service) -> Scheduler:
+    assert service.thread.server is not None and service.thread.server.scheduler is not None
+    return service.thread.server.scheduler
+
+
+def _session(service: Service, tenant: TenantKey, text: bytes = b"hello there") -> str:
+    session = service.stub.CreateSession(pb.CreateSessionRequest(), metadata=tenant.metadata)
+    _append(service, tenant, session.session_id, text)
+    return session.session_id
+
+
+def _append(
+    service: Service, tenant: TenantKey, session_id: str, text: bytes, **options: float
+) -> pb.AppendAck:
+    request = pb.AppendRequest(session_id=session_id, input=pb.Input(text=text))
+    return service.stub.Append(request, metadata=tenant.metadata, **options)
+
+
+def _position(service: Service, tenant: TenantKey, session_id: str) -> int:
+    request = pb.GetSessionRequest(session_id=session_id)
+    return service.stub.GetSession(request, metadata=tenant.metadata).position
+
+
+def _prompt(text: bytes = b"?", **params: object) -> pb.Prompt:
+    return pb.Prompt(input=pb.Input(text=text), params=pb.SamplingParams(**params))
+
+
+def _wait_idle(scheduler: Scheduler, within_s: float) -> float:
+    """Seconds until the model thread has nothing queued or running (fails past within_s)."""
+    started = time.monotonic()
+    while not scheduler.idle():
+        assert time.monotonic() - started < within_s, "the server is still working"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_a_query_stops_at_its_deadline_and_changes_nothing(served: Service) -> None:
+    session_id = _session(served, served.alice)
+    before = _position(served, served.alice, session_id)
+    request = pb.QueryRequest(
+        session_id=session_id, prompt=_prompt(max_new_tokens=100_000, temperature=0)
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Query(request, metadata=served.alice.metadata, timeout=0.5)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_idle(_scheduler(served), within_s=1.0) < 1.0
+    assert _position(served, served.alice, session_id) == before
+    # The session still serves, as it was.
+    assert _append(served, served.alice, session_id, b"!").position == before + 1
+
+
+def test_a_cancelled_generate_commits_exactly_the_tokens_written(served: Service) -> None:
+    session_id = _session(served, served.alice)
+    before = _position(served, served.alice, session_id)
+    prompt = b"tell me"
+    request = pb.GenerateRequest(
+        session_id=session_id, prompt=_prompt(prompt, max_new_tokens=100_000, temperature=0)
+    )
+    call = served.stub.Generate(request, metadata=served.alice.metadata)
+    received = []
+    for message in call:
+        received.extend(message.token_ids)
+        if len(received) == 5:
+            call.cancel()
+            break
+    _wait_idle(_scheduler(served), within_s=2.0)  # the step under way ends first
+    committed = _position(served, served.alice, session_id) - before - len(prompt)
+    # Lockstep: the server samples a token only once the previous one was written, so
+    # at most the one in flight when the cancel arrived may be written but unread.
+    assert committed in (5, 6)
+
+    # What was committed is the prompt and exactly the stream's first tokens: a twin
+    # session that generates the same number greedily answers a greedy query the same.
+    twin = _session(served, served.alice)
+    replay = pb.GenerateRequest(
+        session_id=twin,
+        prompt=_prompt(prompt, max_new_tokens=committed, temperature=0, allow_eos=False),
+    )
+    stream = [
+        t for m in served.stub.Generate(replay, metadata=served.alice.metadata) for t in m.token_ids
+    ]
+    assert stream[:5] == received
+    assert _position(served, served.alice, twin) == _position(served, served.alice, session_id)
+    probe = pb.QueryRequest(
+        session_id=session_id, prompt=_prompt(b"#", max_new_tokens=8, temperature=0)
+    )
+    answer = served.stub.Query(probe, metadata=served.alice.metadata).token_ids
+    probe.session_id = twin
+    assert served.stub.Query(probe, metadata=served.alice.metadata).token_ids == answer
+
+
+def test_a_generate_past_its_deadline_commits_what_was_written(served: Service) -> None:
+    session_id = _session(served, served.alice)
+    before = _position(served, served.alice, session_id)
+    request = pb.GenerateRequest(
+        session_id=session_id, prompt=_prompt(b"go", max_new_tokens=100_000, allow_eos=False)
+    )
+    received = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for message in served.stub.Generate(request, metadata=served.alice.metadata, timeout=0.5):
+            received.extend(message.token_ids)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # Its last step, then the commit (which reads the prompt and the tokens again).
+    _wait_idle(_scheduler(served), within_s=2.0)
+    committed = _position(served, served.alice, session_id) - before - 2
+    assert len(received) <= committed <= len(received) + 1
+
+
+def test_a_long_query_of_one_tenant_does_not_hold_up_another_tenants_appends(
+    served: Service,
+) -> None:
+    alice_session = _session(served, served.alice)
+    bob_session = _session(served, served.bob)
+    request = pb.QueryRequest(
+        session_id=alice_session, prompt=_prompt(max_new_tokens=100_000, allow_eos=False)
+    )
+    query = served.stub.Query.future(request, metadata=served.alice.metadata, timeout=60.0)
+    time.sleep(0.2)  # the query is running
+    for _ in range(10):  # each would wait out the whole query if it held the model thread
+        _append(served, served.bob, bob_session, b"b" * 64, timeout=15.0)
+    assert not query.done(), "the query should still be running beside the appends"
+    query.cancel()
+    _wait_idle(_scheduler(served), within_s=1.0)
+
+
+def test_a_bulk_append_past_its_deadline_says_how_much_went_in(
+    tmp_path: Path, engine: StreamingEngine
+) -> None:
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        admin_key=ADMIN_KEY,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+        scheduling=replace(SCHEDULING, segment_tokens=16, step_tokens=16),
+    )
+    service = start_service(tmp_path / "data", engine, config)
+    try:
+        session_id = _session(service, service.alice, b"x")
+        with pytest.raises(grpc.RpcError) as caught:
+            _append(service, service.alice, session_id, b"y" * 4096, timeout=3.0)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait_idle(_scheduler(service), within_s=1.0)
+        went_in = _position(service, service.alice, session_id) - 1
+        assert 0 < went_in < 4096 and went_in % 16 == 0
+        match = re.search(r"after (\d+) of the append's 4096 tokens", caught.value.details())
+        assert match is not None, caught.value.details()
+        assert int(match.group(1)) == went_in
+    finally:
+        stop_service(service)
+
+
+def test_checkpoint_and_fork_keep_their_place_after_the_sessions_appends(
+    served: Service,
+) -> None:
+    session_id = _session(served, served.alice, b"a")
+    meta = served.alice.metadata
+    bulk = pb.AppendRequest(session_id=session_id, input=pb.Input(text=b"z" * 4096))
+    appended = served.stub.Append.future(bulk, metadata=meta)
+    time.sleep(0.05)  # sent in this order
+    checkpoint = served.stub.Checkpoint.future(
+        pb.CheckpointRequest(session_id=session_id), metadata=meta
+    )
+    time.sleep(0.05)
+    fork = served.stub.ForkSession.future(
+        pb.ForkSessionRequest(session_id=session_id, name="fork"), metadata=meta
+    )
+    time.sleep(0.05)
+    later = served.stub.Append.future(
+        pb.AppendRequest(session_id=session_id, input=pb.Input(text=b"after")), metadata=meta
+    )
+    assert appended.result().position == 4097
+    assert checkpoint.result().position == 4097  # holds the append sent before it
+    assert fork.result().position == 4097  # not the append sent after it
+    assert later.result().position == 4097 + 5
+
+
+def test_requests_past_the_generation_limits_are_refused_clearly(served: Service) -> None:
+    session_id = _session(served, served.alice)
+    too_long = pb.QueryRequest(session_id=session_id, prompt=_prompt(max_new_tokens=100_001))
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Query(too_long, metadata=served.alice.metadata)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_new_tokens 100001 is over this server's limit of 100000" in caught.value.details()
+
+    # Two generations of alice run (her cap); a third is refused, bob's is not.
+    others = [_session(served, served.alice) for _ in range(2)]
+    streams = [
+        served.stub.Generate(
+            pb.GenerateRequest(
+                session_id=other, prompt=_prompt(max_new_tokens=100_000, allow_eos=False)
+            ),
+            metadata=served.alice.metadata,
+        )
+        for other in others
+    ]
+    for stream in streams:
+        next(stream)  # running
+    short = _prompt(max_new_tokens=4, allow_eos=False)
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Query(
+            pb.QueryRequest(session_id=session_id, prompt=short), metadata=served.alice.metadata
+        )
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2 queries and generations running" in caught.value.details()
+    bob_session = _session(served, served.bob)
+    answer = served.stub.Query(
+        pb.QueryRequest(session_id=bob_session, prompt=short), metadata=served.bob.metadata
+    )
+    assert len(answer.token_ids) <= 4
+    for stream in streams:
+        stream.cancel()
+    _wait_idle(_scheduler(served), within_s=2.0)
+    served.stub.Query(
+        pb.QueryRequest(session_id=session_id, prompt=short), metadata=served.alice.metadata
+    )
