@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from memsvc.bench.neighbour import add_neighbour_arguments, run_neighbour_benchmark
 from memsvc.client.aio import AsyncMemoryClient, AsyncSession
 from memsvc.engine import StreamingEngine
 from memsvc.model.io import load_model, model_hash
@@ -84,10 +85,13 @@ def add_serve_bench_parser(benches: argparse._SubParsersAction) -> None:
     serve.add_argument("--window", type=int, default=2, help="appends in flight per stream")
     serve.add_argument("--threads", type=int, default=2, help="torch threads (both paths)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
+    add_neighbour_arguments(serve)
     serve.set_defaults(func=run_serve_benchmark)
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> int:
+    if args.neighbour:
+        return run_neighbour_benchmark(args)
     if args.tokens_per_session % args.append_tokens:
         raise SystemExit("--tokens-per-session must be a multiple of --append-tokens")
     torch.set_num_threads(args.threads)
