@@ -131,13 +131,23 @@ class MemoryServiceServicer:
 
     def Append(self, request, context):
         """Appends tokens to the session; answered once they are durable.
+        A large append is applied in segments (`memsvc serve --segment-tokens`, 256)
+        that take turns with other work; each segment is durable once applied. If
+        the deadline passes first, no further segment starts and the answer is
+        DEADLINE_EXCEEDED whose message says how many tokens went in (for example
+        "after 512 of the append's 4096 tokens went in"); GetSession's position
+        says where the stream is. An append dropped before any segment started
+        changed nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Query(self, request, context):
-        """Answers a prompt from a copy of the session's memory: the session is unchanged.
+        """Answers a prompt from a copy of the session's memory taken after the
+        session's earlier calls: the session is never changed, whatever happens.
+        The query stops at its deadline (DEADLINE_EXCEEDED; its work ends within
+        one step) or when the client cancels it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +167,13 @@ class MemoryServiceServicer:
     def Generate(self, request, context):
         """Appends the prompt, then samples tokens; both become part of the session's
         stream. Tokens are sent as they are sampled; the last message has `done` set.
+        The server samples a token only once the previous one's message was
+        written, so a slow reader slows the generation rather than piling tokens
+        up. If the call ends early (the client cancels, or the deadline passes),
+        the session keeps the prompt and exactly the tokens whose messages the
+        server finished writing; the token being sampled is dropped. A client that
+        cancels mid-stream may not have read the last written token: GetSession's
+        position tells. Sampling stops within one step of the end of the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
