@@ -25,3 +25,21 @@ def test_bench_serve_reports_both_paths(
             assert 0 < row[path]["p50_ms"] <= row[path]["p99_ms"]
     assert report["goals"]["single_session_grpc_vs_engine"]["goal"] == 0.8
     assert "grpc_32_vs_1_sessions" not in report["goals"]  # 32 sessions were not run
+
+
+def test_bench_serve_neighbour_reports_b_alone_and_beside_a(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "serve", "--neighbour", "--model", str(model_dir), "--threads", "1"]
+    argv += ["--bulk-tokens", "8192", "--bulk-append-tokens", "2048", "--generate-tokens", "500"]
+    argv += ["--b-appends", "4", "--query-deadline", "0.3", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    b = report["b"]
+    assert b["sessions"] == 8 and b["appends"] == 32 and b["append_tokens"] == 64
+    for side in ("alone", "beside_a"):
+        assert 0 < b[side]["p50_ms"] <= b[side]["p99_ms"]
+    ratio = report["goals"]["b_p99_beside_vs_alone"]
+    assert ratio["value"] == pytest.approx(b["beside_a"]["p99_ms"] / b["alone"]["p99_ms"])
+    assert ratio["goal"] == 2.0
+    assert report["goals"]["abandoned_query_stop_s"]["value"] >= 0
