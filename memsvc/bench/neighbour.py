@@ -63,6 +63,8 @@ def add_neighbour_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--generate-tokens", type=int, default=10_000, help="--neighbour: A's")
     serve.add_argument("--b-appends", type=int, default=40, help="--neighbour: per B session")
     serve.add_argument("--query-deadline", type=float, default=1.0, help="--neighbour: seconds")
+    serve.add_argument("--segment-tokens", type=int, default=256, help="--neighbour: server's")
+    serve.add_argument("--step-tokens", type=int, default=1024, help="--neighbour: server's")
 
 
 def run_neighbour_benchmark(args: argparse.Namespace) -> int:
@@ -122,7 +124,11 @@ class _InProcessServer:
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    scheduling = SchedulerConfig(max_new_tokens=max(args.generate_tokens, 1 << 20))
+    scheduling = SchedulerConfig(
+        segment_tokens=args.segment_tokens,
+        step_tokens=args.step_tokens,
+        max_new_tokens=max(args.generate_tokens, 1 << 20),
+    )
     server = _InProcessServer(args.model, tmp / "data", scheduling)
     channel = grpc.insecure_channel(
         f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", MESSAGE_BYTES)]
@@ -152,6 +158,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {
         "model": str(args.model),
         "threads": args.threads,
+        "segment_tokens": args.segment_tokens,
+        "step_tokens": args.step_tokens,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "b": {
@@ -270,7 +278,8 @@ def _print(report: dict[str, Any]) -> None:
     b = report["b"]
     print(
         f"tenant B: {b['sessions']} sessions x {b['appends'] // b['sessions']} appends of "
-        f"{b['append_tokens']} tokens ({report['threads']} threads, {report['cpu_count']} cores)"
+        f"{b['append_tokens']} tokens ({report['threads']} threads, {report['cpu_count']} cores, "
+        f"steps of {report['step_tokens']}, segments of {report['segment_tokens']})"
     )
     for label, key in (("alone", "alone"), ("beside A", "beside_a")):
         row = b[key]

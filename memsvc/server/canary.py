@@ -114,10 +114,9 @@ class ServiceCanary:
 
     def _query(self, session_id: str, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-        query = self._manager.query
         with self._call():
             return self._on_loop(
-                self._scheduler.call(query, self.tenant_id, session_id, prompt, params)
+                self._scheduler.query(self.tenant_id, session_id, prompt, params, None)
             )
 
     def _delete(self, session_id: str) -> None:
