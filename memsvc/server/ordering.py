@@ -51,13 +51,14 @@ class SessionOrder:
         lane.barrier, lane.appends = done, set()
         done.add_done_callback(lambda _: self._leave(session_id, done))
         try:
-            if before:
-                await asyncio.shield(asyncio.gather(*before))
+            if before:  # waits for them, whatever their outcome (their callers hear it)
+                await asyncio.shield(asyncio.wait(before))
             yield
         finally:
             pending = [f for f in before if not f.done()]
             if pending:  # cancelled while waiting: hold the place until they are done
-                asyncio.gather(*pending).add_done_callback(lambda _: done.set_result(None))
+                waiting = asyncio.ensure_future(asyncio.wait(pending))
+                waiting.add_done_callback(lambda _: done.set_result(None))
             else:
                 done.set_result(None)
 

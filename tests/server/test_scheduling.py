@@ -283,3 +283,23 @@ def test_requests_past_the_generation_limits_are_refused_clearly(served: Service
     served.stub.Query(
         pb.QueryRequest(session_id=session_id, prompt=short), metadata=served.alice.metadata
     )
+
+
+def test_a_call_behind_a_failed_append_is_not_failed_by_it(served: Service) -> None:
+    session_id = _session(served, served.alice, b"a")
+    meta = served.alice.metadata
+    bulk = pb.AppendRequest(session_id=session_id, input=pb.Input(text=b"z" * 4096))
+    appended = served.stub.Append.future(bulk, metadata=meta)
+    wrong = pb.Input(text=b"x", expected_position=999)
+    refused = served.stub.Append.future(
+        pb.AppendRequest(session_id=session_id, input=wrong), metadata=meta
+    )
+    time.sleep(0.05)
+    checkpoint = served.stub.Checkpoint.future(
+        pb.CheckpointRequest(session_id=session_id), metadata=meta
+    )
+    assert appended.result().position == 4097
+    with pytest.raises(grpc.RpcError) as caught:
+        refused.result()
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert checkpoint.result().position == 4097
