@@ -10,7 +10,7 @@ weights, float32 or bfloat16 weights. In this order, on one card, one process:
    with a ragged batch (stops with exit 1 on a mismatch: no speed without it);
 2. the card's floors: copy bandwidth (a 2 GiB device-to-device copy) and matmul
    rate (8192^3, float32 without TF32 and bfloat16);
-3. median times (CUDA events) of the PyTorch path (memsvc.memory's chunk_write),
+3. median times (CUDA events) of the PyTorch path (kernels.lmm.chunk_update_torch),
    the kernel, and titans-pytorch 0.5.5's NeuralMemory on one 64-token call with
    its state carried (the peer; it also projects q/k/v and gates, float32 only).
 
@@ -157,10 +157,11 @@ def check_correctness(dims: list[int], blocks: Blocks, precision: str) -> list[d
         for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, 3e-2)):
             chunk = make_inputs(cfg, 4, dtype, seed=dim)
             n_valid = torch.tensor([CHUNK, 17, 0, CHUNK - 1], device="cuda")
+            rule = cfg.chunk_rule
             got = chunk_update_triton(
-                cfg, *chunk, n_valid=n_valid, blocks=blocks, precision=precision
+                rule, *chunk, n_valid=n_valid, blocks=blocks, precision=precision
             )
-            want = chunk_update(cfg, *chunk, n_valid=n_valid, backend="torch")
+            want = chunk_update(rule, *chunk, n_valid=n_valid, backend="torch")
             errors = {}
             layers = range(len(got.weights))
             pairs = {
@@ -248,9 +249,12 @@ def run(
                 floor = max(bytes_ms, flop_ms)
                 chunk = make_inputs(cfg, sessions, dtype)
                 impls: dict[str, tuple[Callable[[], object] | None, str]] = {
-                    "torch": (lambda c=chunk, f=cfg: chunk_update(f, *c, backend="torch"), ""),
+                    "torch": (
+                        lambda c=chunk, f=cfg.chunk_rule: chunk_update(f, *c, backend="torch"),
+                        "",
+                    ),
                     "triton": (
-                        lambda c=chunk, f=cfg: chunk_update_triton(
+                        lambda c=chunk, f=cfg.chunk_rule: chunk_update_triton(
                             f, *c, blocks=blocks, precision=precision
                         ),
                         "",
