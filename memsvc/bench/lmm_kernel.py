@@ -61,9 +61,10 @@ def config_for(dim: int) -> MemoryConfig:
     return MemoryConfig(dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK)
 
 
-def make_inputs(cfg: MemoryConfig, sessions: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+def make_inputs(
+    cfg: MemoryConfig, sessions: int, dtype: torch.dtype, seed: int = 0, dev: str = "cuda"
+):
+    g = torch.Generator(device=dev).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return scale * torch.randn(*shape, generator=g, device=dev)
@@ -147,16 +148,18 @@ def measure_card() -> dict[str, float]:
     }
 
 
-def check_correctness(dims: list[int], blocks: Blocks, precision: str) -> list[dict]:
+def check_correctness(
+    dims: list[int], blocks: Blocks, precision: str, dev: str = "cuda"
+) -> list[dict]:
     """The timed kernel vs the reference on a ragged batch of 4 sessions at each dim and
-    dtype (errors relative to |reference| + 1)."""
+    dtype (errors relative to |reference| + 1). On "cpu" it needs TRITON_INTERPRET=1."""
     results = []
     fp32_tol = 1e-4 if precision == "ieee" else 5e-3
     for dim in dims:
         cfg = config_for(dim)
         for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, 3e-2)):
-            chunk = make_inputs(cfg, 4, dtype, seed=dim)
-            n_valid = torch.tensor([CHUNK, 17, 0, CHUNK - 1], device="cuda")
+            chunk = make_inputs(cfg, 4, dtype, seed=dim, dev=dev)
+            n_valid = torch.tensor([CHUNK, 17, 0, CHUNK - 1], device=dev)
             rule = cfg.chunk_rule
             got = chunk_update_triton(
                 rule, *chunk, n_valid=n_valid, blocks=blocks, precision=precision

@@ -165,3 +165,13 @@ def test_bench_floors_count_what_a_chunk_must_move_and_multiply():
     gram = 2 * CHUNK * CHUNK * 2 * (d + h)
     sums = 2 * 2 * CHUNK * params
     assert flops(config_for(d), 2) == 2 * (forward + backward + gram + sums)
+
+
+def test_bench_correctness_check_passes_on_a_tiny_size(device):
+    """The GPU benchmark's own correctness gate (kernel vs PyTorch path, ragged, both
+    dtypes), at dim 16 on the test device: the moved benchmark still reaches the kernel."""
+    from memsvc.bench.lmm_kernel import Blocks, check_correctness
+
+    results = check_correctness([16], Blocks(), "ieee", dev=device.type)
+    assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
+    assert all(r["ok"] for r in results), results
