@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kernels.delta_rule import delta_rule_naive
-from kernels.lmm import chunk_update_naive
+from kernels.lmm import ChunkWrite, chunk_update_naive
 from memsvc.memory.neural_memory import NeuralMemory
 
 
@@ -79,30 +79,24 @@ def _result(
     )
 
 
-def _start(memory: NeuralMemory, x: Tensor):
+def _stream(memory: NeuralMemory, x: Tensor, delta: bool) -> ReferenceResult:
+    """Chunk by chunk from a fresh state: every chunk is read, a complete one is written
+    through the write gate, stream by stream (all heads of a stream together)."""
+    cfg = memory.config
+    t, h, c = x.shape[1], cfg.heads, cfg.chunk_size
     state = memory.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
     proj, _, _ = memory.project(x, state)
     weights = [w.flatten(0, 1).detach().clone() for w in state.weights]  # (B*H, in, out)
     momentum = [s.flatten(0, 1).clone() for s in state.momentum]
-    return proj, weights, momentum, _Gate(memory, x.shape[0], proj.q.dtype)
-
-
-def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
-    """Chunked Titans update with gradients at the chunk-start weights, token by token.
-
-    With chunk_size 1 this is the plain per-token recurrence (every gradient at
-    the current weights).
-    """
-    cfg = memory.config
-    t, h, c = x.shape[1], cfg.heads, cfg.chunk_size
-    proj, weights, momentum, gate = _start(memory, x)
-    ys = []
+    gate, ys = _Gate(memory, x.shape[0], proj.q.dtype), []
     for start in range(0, t, c):
         span = slice(start, min(start + c, t))
-        out = chunk_update_naive(
-            cfg.chunk_rule, weights, momentum,
-            proj.k[:, span], proj.v[:, span], proj.gates[:, span], proj.q[:, span],
-        )  # fmt: skip
+        q, k, v, g = proj.q[:, span], proj.k[:, span], proj.v[:, span], proj.gates[:, span]
+        if delta:
+            step = delta_rule_naive(weights[0], q, k, v, g[..., 0], g[..., 2])
+            out = ChunkWrite([step.weights], [], step.surprise_sq, step.outputs)
+        else:
+            out = chunk_update_naive(cfg.chunk_rule, weights, momentum, k, v, g, q)
         ys.append(out.reads)
         if span.stop - start < c:
             continue  # a partial chunk is read, never written
@@ -118,26 +112,14 @@ def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
     return _result(memory, ys, weights, momentum, gate)
 
 
+def reference_chunked(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
+    """Chunked Titans update with gradients at the chunk-start weights, token by token
+    (kernels.lmm.naive). With chunk_size 1 this is the plain per-token recurrence
+    (every gradient at the current weights)."""
+    return _stream(memory, x, delta=False)
+
+
 def reference_delta(memory: NeuralMemory, x: Tensor) -> ReferenceResult:
     """The gated delta rule token by token (kernels.delta_rule.naive), the write gate
     deciding per complete chunk whether the chunk's writes are kept."""
-    cfg = memory.config
-    t, h, c = x.shape[1], cfg.heads, cfg.chunk_size
-    proj, weights, _, gate = _start(memory, x)
-    ys = []
-    for start in range(0, t, c):
-        span = slice(start, min(start + c, t))
-        out = delta_rule_naive(
-            weights[0], proj.q[:, span], proj.k[:, span], proj.v[:, span],
-            proj.gates[:, span, 0], proj.gates[:, span, 2],
-        )  # fmt: skip
-        ys.append(out.outputs)
-        if span.stop - start < c:
-            continue
-        surprise_sq = out.surprise_sq.view(-1, h).sum(-1)
-        for bb in range(x.shape[0]):
-            lam = gate.decide(bb, surprise_sq[bb])
-            if lam is not None:
-                rows = slice(bb * h, (bb + 1) * h)
-                weights[0][rows] = (1 - lam) * out.weights[rows]
-    return _result(memory, ys, weights, [], gate)
+    return _stream(memory, x, delta=True)

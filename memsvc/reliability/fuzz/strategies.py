@@ -1,6 +1,16 @@
-"""Hypothesis strategies: file mutations (`FILE_MUTATIONS`, `CHECKPOINT_MUTATIONS`,
-`STATE_EDITS`) and every RPC's hostile calls (`call_strategies`), with the regressions
-that once failed (`regression_calls`)."""
+"""Hypothesis strategies, and the regressions that once failed.
+
+* Calls (``call_strategies``): for each RPC of MemoryService and AdminService,
+  structurally valid protobufs holding hostile values (empty, huge, NUL-laden or
+  foreign session ids; token ids outside the vocabulary; NaN, subnormal and
+  out-of-range sampling params; oversized inputs; streams that append before they
+  open, or open twice; imports of damaged or crafted exports), under valid or
+  broken credentials. Each RPC also has a ``:raw`` twin whose bodies no protobuf
+  decoder accepts. ``regression_calls``: calls that once failed.
+* Files: ``FILE_MUTATIONS`` damages any file byte by byte; ``CHECKPOINT_MUTATIONS``
+  aims at a checkpoint's or export's safetensors header (framing kept valid);
+  ``STATE_EDITS`` re-encodes a state with a valid checksum but wrong tensors.
+"""
 
 from __future__ import annotations
 
