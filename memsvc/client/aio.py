@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -20,7 +20,7 @@ from memsvc.client.core import calls
 from memsvc.client.core.calls import Upload
 from memsvc.client.core.handles import ClientCore, SessionCore
 from memsvc.client.core.plans import END, Deliver, Failed, Pause, Plan, Read, Start, Step, Steps
-from memsvc.client.core.stream import AppendStream
+from memsvc.client.core.stream import AppendStream, Attempt
 from memsvc.client.messages import Data, input_message
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
@@ -128,7 +128,7 @@ class AsyncSession(SessionCore[AsyncMemoryClient]):
     def append_stream(
         self, pieces: Iterable[Data] | AsyncIterable[Data], window: int = 4
     ) -> AsyncIterator[pb.AppendAck]:
-        return _Appender(AppendStream(self, window), pieces).run()
+        return _Appender(AppendStream(self, window), pieces).run(self.client)
 
     async def query(self, prompt: Data, **sampling: Any) -> str:
         return await self.client._one(self._query(prompt, sampling))
@@ -151,69 +151,44 @@ class AsyncSession(SessionCore[AsyncMemoryClient]):
 
 
 class _Appender:
-    """`AsyncSession.append_stream`'s tasks. The caller's pieces are pulled by a task of
-    their own into a queue of one, so that ending a call (which cancels its request
-    iterator) never cancels the caller's iterator half-way."""
+    """`AsyncSession.append_stream`'s request side. The caller's pieces are pulled by a
+    task of their own into a queue of one, so that ending a call (which cancels its
+    request iterator) never cancels the caller's iterator half-way."""
 
     def __init__(self, stream: AppendStream, pieces: Iterable[Data] | AsyncIterable[Data]) -> None:
         self.stream = stream
         self.pieces = pieces
-        self.room = asyncio.Condition()  # the window has room, or the attempt ended
+        self.changed = asyncio.Event()
         self.queue: asyncio.Queue[pb.Input | None] = asyncio.Queue(maxsize=1)
-        self.carried: list[pb.Input] = []  # taken by an attempt that ended before sending it
-        self.exhausted = False
 
     async def _pump(self) -> None:
         async for piece in _each(self.pieces):
             await self.queue.put(input_message(piece))
         await self.queue.put(None)
 
-    async def run(self) -> AsyncIterator[pb.AppendAck]:
+    async def run(self, client: AsyncMemoryClient) -> AsyncIterator[pb.AppendAck]:
         pump = asyncio.get_running_loop().create_task(self._pump())
         try:
-            while True:
-                stub, first = self.stream.attempt()
-                ready, finished = asyncio.Event(), asyncio.Event()
-                call = stub.Stream(
-                    self._requests(first, ready, finished),
-                    metadata=self.stream.session.client.connection.metadata,
-                )
-                try:
-                    async for response in call:
-                        for ack in self.stream.received(response):
-                            yield ack
-                        async with self.room:
-                            self.room.notify_all()
-                        ready.set()
-                    self.stream.finished()
-                    return
-                except grpc.RpcError as error:
-                    await asyncio.sleep(self.stream.failed(error))
-                finally:
-                    finished.set()
-                    async with self.room:
-                        self.room.notify_all()
-                    call.cancel()
+            async for ack in client._stream(self.stream.plan(self.requests, self.changed.set)):
+                yield ack
         finally:
             pump.cancel()
 
-    async def _requests(
-        self, first: pb.StreamRequest, ready: asyncio.Event, finished: asyncio.Event
-    ) -> AsyncIterator[pb.StreamRequest]:
-        yield first
-        await ready.wait()
-        for request in self.stream.resends():
+    async def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def requests(self, attempt: Attempt) -> AsyncIterator[pb.StreamRequest]:
+        yield attempt.first
+        await self._until(lambda: attempt.opened or attempt.ended)
+        for request in self.stream.resends(attempt):
             yield request
         while True:
-            async with self.room:
-                await self.room.wait_for(lambda: not self.stream.full() or finished.is_set())
-            if finished.is_set() or self.exhausted:
+            await self._until(lambda: self.stream.may_send(attempt))
+            if not self.stream.wants_piece(attempt):
                 return
-            message = self.carried.pop() if self.carried else await self.queue.get()
-            if message is None:
-                self.exhausted = True
+            message = self.stream.carried_piece() or await self.queue.get()
+            if (request := self.stream.take(attempt, message)) is None:
                 return
-            if finished.is_set():
-                self.carried.append(message)  # the next attempt sends it
-                return
-            yield self.stream.send(message)
+            yield request

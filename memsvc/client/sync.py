@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from memsvc.client.core import calls
 from memsvc.client.core.calls import Upload
 from memsvc.client.core.handles import ClientCore, SessionCore
 from memsvc.client.core.plans import END, Deliver, Failed, Pause, Plan, Read, Start, Step, Steps
-from memsvc.client.core.stream import AppendStream
+from memsvc.client.core.stream import AppendStream, Attempt
 from memsvc.client.messages import Data, input_message
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
@@ -107,7 +107,8 @@ class Session(SessionCore[MemoryClient]):
         """Appends each piece over one stream, with at most `window` unacknowledged;
         yields their acknowledgements in order. Faster than `append` in a loop.
         Resumes on the session's next owner if its replica fails (core/stream.py)."""
-        return _Appender(AppendStream(self, window), (input_message(p) for p in pieces)).run()
+        appender = _Appender(AppendStream(self, window), (input_message(p) for p in pieces))
+        return self.client._each(appender.stream.plan(appender.requests, appender.wake))
 
     def query(self, prompt: Data, **sampling: Any) -> str:
         """The answer to `prompt` from a copy of the memory; the session is unchanged.
@@ -135,68 +136,37 @@ class Session(SessionCore[MemoryClient]):
 
 
 class _Appender:
-    """`Session.append_stream`'s threads: gRPC's, which pulls the caller's pieces into
-    requests while the window has room, and the caller's, which reads the answers."""
+    """`Session.append_stream`'s request side, on gRPC's thread: it pulls the caller's
+    pieces while the window has room; the caller's thread reads the answers (the plan)."""
 
     def __init__(self, stream: AppendStream, messages: Iterator[pb.Input]) -> None:
         self.stream = stream
         self.messages = messages
-        self.cond = threading.Condition()  # guards the stream's state
-        self.exhausted = False
+        self.cond = threading.Condition()
         self.pull_lock = threading.Lock()
-        self.carried: list[pb.Input] = []  # pulled by an attempt that ended before sending it
 
-    def run(self) -> Iterator[pb.AppendAck]:
-        while True:
-            stub, first = self.stream.attempt()
-            ready, finished = threading.Event(), threading.Event()
-            responses = stub.Stream(
-                self._requests(first, ready, finished),
-                metadata=self.stream.session.client.connection.metadata,
-            )
-            try:
-                for response in responses:
-                    with self.cond:
-                        acks = self.stream.received(response)
-                        self.cond.notify_all()
-                    yield from acks
-                    ready.set()
-                self.stream.finished()
-                return
-            except grpc.RpcError as error:
-                time.sleep(self.stream.failed(error))
-            finally:
-                finished.set()
-                with self.cond:
-                    self.cond.notify_all()
-                responses.cancel()
-
-    def _requests(
-        self, first: pb.StreamRequest, ready: threading.Event, finished: threading.Event
-    ) -> Iterator[pb.StreamRequest]:
-        yield first
-        while not ready.wait(0.1):
-            if finished.is_set():
-                return
+    def wake(self) -> None:
         with self.cond:
-            requests = self.stream.resends()
-        yield from requests
+            self.cond.notify_all()
+
+    def _until(self, done: Callable[[], bool]) -> None:
+        with self.cond:
+            while not done():
+                self.cond.wait(0.1)
+
+    def requests(self, attempt: Attempt) -> Iterator[pb.StreamRequest]:
+        yield attempt.first
+        self._until(lambda: attempt.opened or attempt.ended)
+        yield from self.stream.resends(attempt)
         while True:
-            with self.cond:
-                while self.stream.full() and not finished.is_set():
-                    self.cond.wait(0.1)
-                if finished.is_set() or self.exhausted:
-                    return
-            # The caller's iterator may block: pull outside the condition (acknowledgements
-            # need it), one puller at a time (an attempt that ended may still be pulling).
+            self._until(lambda: self.stream.may_send(attempt))
+            if not self.stream.wants_piece(attempt):
+                return
+            # The caller's iterator may block: one puller at a time (an attempt that
+            # ended may still be pulling), and nothing held that the answers need.
             with self.pull_lock:
-                message = self.carried.pop() if self.carried else next(self.messages, None)
-                with self.cond:
-                    if message is None:
-                        self.exhausted = True
-                        return
-                    if finished.is_set():
-                        self.carried.append(message)  # the next attempt sends it
-                        return
-                    request = self.stream.send(message)
+                message = self.stream.carried_piece() or next(self.messages, None)
+                request = self.stream.take(attempt, message)
+            if request is None:
+                return
             yield request

@@ -1,13 +1,15 @@
-"""`append_stream`'s decisions, attempt by attempt: which replica a Stream call goes to,
-what to send when it opens (again), what its answers acknowledge, and whether a failed
-attempt is followed by another.
+"""`append_stream` as a plan: its Stream calls one attempt after another, what to send
+when a call opens (again), what the answers acknowledge, and what a failure means.
 
-The drivers (sync.py: threads; aio.py: tasks) only pull the caller's pieces, keep
-at most `window` unacknowledged, and wait; they call these under their own lock.
+The drivers (sync.py: threads; aio.py: tasks) only pull the caller's pieces and
+wait: they make each attempt's request iterator, which sends what this module
+decides, and wait on `wake` between its requests.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,8 +17,18 @@ import grpc
 from memsvc.client.core.failover import Failover
 from memsvc.client.core.handles import SessionCore
 from memsvc.client.core.ledger import StreamLedger
+from memsvc.client.core.plans import END, Deliver, Pause, Plan, Read, Start
 from memsvc.client.errors import from_rpc_error
 from memsvc.proto.v1 import memsvc_pb2 as pb
+
+
+class Attempt:
+    """One Stream call: its first request, whether it opened, whether it ended."""
+
+    def __init__(self, session_id: str) -> None:
+        self.first = pb.StreamRequest(open=pb.OpenStream(session_id=session_id))
+        self.opened = False
+        self.ended = False
 
 
 class AppendStream:
@@ -25,56 +37,93 @@ class AppendStream:
     If the replica fails mid-stream, the stream is opened again on the session's
     next owner; the pieces it holds already (durable, if never acknowledged) are
     acknowledged from its position, and the rest are sent again on the condition
-    that the stream is where they start: nothing is lost or doubled.
+    that the stream is where they start: nothing is lost or doubled. Thread-safe:
+    the request side runs beside the plan.
     """
 
     def __init__(self, session: SessionCore, window: int) -> None:
         self.session = session
         self.ledger = StreamLedger(session.id, window)
         self.resumed = False  # an attempt failed: appends are sent on condition
-        self.address = ""
-        self.failover = self._failover()
+        self.exhausted = False  # the caller's pieces are all sent
+        self.carried: list[pb.Input] = []  # pulled by an attempt that ended before sending it
+        self._lock = threading.Lock()
 
     def _failover(self) -> Failover:
         return self.session.client.failover(self.session.id, resendable=True)
 
-    def attempt(self) -> tuple[Any, pb.StreamRequest]:
-        """The next attempt's stub, and the request that opens it."""
-        self.address, (_, stub) = self.session.client.replicas.pick(self.session.id)
-        return stub, pb.StreamRequest(open=pb.OpenStream(session_id=self.session.id))
+    def plan(self, requests: Callable[[Attempt], Any], wake: Callable[[], None]) -> Plan[None]:
+        """The attempts; ``requests(attempt)`` is the driver's request iterator for one,
+        and ``wake()`` is called whenever it may send more, or should end."""
+        failover = self._failover()
+        while True:
+            address, (_, stub) = self.session.client.replicas.pick(self.session.id)
+            attempt = Attempt(self.session.id)
+            responses = yield Start(stub, "Stream", requests(attempt), streaming=True)
+            try:
+                while (response := (yield Read(responses))) is not END:
+                    if response.HasField("opened"):
+                        failover = self._failover()  # the failures before it are behind
+                    acks = self._received(response)
+                    attempt.opened = True
+                    wake()
+                    for ack in acks:
+                        yield Deliver(ack)
+            except grpc.RpcError as error:
+                delay = failover.after(address, error)
+                if delay is None:
+                    raise from_rpc_error(error) from None
+                self.resumed = True
+                yield Pause(delay)
+                continue
+            finally:
+                attempt.ended = True
+                wake()
+            self.session.client.replicas.worked(address)
+            return
 
-    def received(self, response: pb.StreamResponse) -> list[pb.AppendAck]:
+    def _received(self, response: pb.StreamResponse) -> list[pb.AppendAck]:
         """What a response acknowledges (an opening: the pieces the replica holds already)."""
-        if response.HasField("opened"):
-            self.session.info = response.opened
-            acks = self.ledger.opened(response.opened.position, self.resumed)
-            self.failover = self._failover()  # the failures before this one are behind it
-        else:
-            self.ledger.acked()
-            acks = [response.ack]
+        with self._lock:
+            if response.HasField("opened"):
+                self.session.info = response.opened
+                acks = self.ledger.opened(response.opened.position, self.resumed)
+            else:
+                self.ledger.acked()
+                acks = [response.ack]
         for ack in acks:
             self.session.seen(ack.position)
         return acks
 
-    def resends(self) -> list[pb.StreamRequest]:
-        """On an opened stream: the pieces sent before and not acknowledged, on condition."""
-        return [self.ledger.request(m, start) for start, m in self.ledger.unacknowledged()]
+    def resends(self, attempt: Attempt) -> list[pb.StreamRequest]:
+        """Once ``attempt`` opened: the pieces sent before and not acknowledged, on condition."""
+        with self._lock:
+            if attempt.ended:
+                return []
+            return [self.ledger.request(m, start) for start, m in self.ledger.unacknowledged()]
 
-    def send(self, message: pb.Input) -> pb.StreamRequest:
-        """The request for a new piece (on condition once an attempt failed)."""
-        start = self.ledger.sent(message)
-        return self.ledger.request(message, start if self.resumed else None)
+    def may_send(self, attempt: Attempt) -> bool:
+        """Whether the request side need wait no longer: the window has room, or it is to end."""
+        return attempt.ended or self.exhausted or not self.ledger.full()
 
-    def full(self) -> bool:
-        return self.ledger.full()
+    def wants_piece(self, attempt: Attempt) -> bool:
+        """Whether the request side should pull a piece (else it ends its requests)."""
+        return not (attempt.ended or self.exhausted)
 
-    def failed(self, error: grpc.RpcError) -> float:
-        """Seconds to wait before the next attempt; raises the typed error if there is none."""
-        delay = self.failover.after(self.address, error)
-        if delay is None:
-            raise from_rpc_error(error) from None
-        self.resumed = True
-        return delay
+    def carried_piece(self) -> pb.Input | None:
+        """A piece an ended attempt pulled and did not send, to send before pulling more."""
+        with self._lock:
+            return self.carried.pop() if self.carried else None
 
-    def finished(self) -> None:
-        self.session.client.replicas.worked(self.address)
+    def take(self, attempt: Attempt, message: pb.Input | None) -> pb.StreamRequest | None:
+        """The request for a pulled piece (None: the pieces are all sent, or ``attempt``
+        ended and the next one sends it)."""
+        with self._lock:
+            if message is None:
+                self.exhausted = True
+                return None
+            if attempt.ended:
+                self.carried.append(message)
+                return None
+            start = self.ledger.sent(message)
+            return self.ledger.request(message, start if self.resumed else None)
