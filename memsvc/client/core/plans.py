@@ -82,7 +82,8 @@ def unary(call: Call, replicas: Replicas, failover: Failover) -> Plan[Any]:
                 raise from_rpc_error(error) from None
             if failover.resent and call.resend is not None:
                 request = call.resend
-            yield Pause(delay)
+            if delay:  # 0: a redirect, followed at once
+                yield Pause(delay)
             continue
         replicas.worked(address)
         return answer
@@ -111,7 +112,8 @@ def streamed(
             delay = failover.after(address, error, spent=received)
             if delay is None:
                 raise from_rpc_error(error) from None
-            yield Pause(delay)
+            if delay:  # 0: a redirect, followed at once
+                yield Pause(delay)
             continue
         replicas.worked(address)
         for item in unpacker.flush():

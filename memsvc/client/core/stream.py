@@ -60,6 +60,7 @@ class AppendStream:
             address, (_, stub) = self.session.client.replicas.pick(self.session.id)
             attempt = Attempt(self.session.id)
             responses = yield Start(stub, "Stream", requests(attempt), streaming=True)
+            failure: grpc.RpcError | None = None
             try:
                 while (response := (yield Read(responses))) is not END:
                     if response.HasField("opened"):
@@ -70,17 +71,19 @@ class AppendStream:
                     for ack in acks:
                         yield Deliver(ack)
             except grpc.RpcError as error:
-                delay = failover.after(address, error)
-                if delay is None:
-                    raise from_rpc_error(error) from None
-                self.resumed = True
-                yield Pause(delay)
-                continue
+                failure = error
             finally:
-                attempt.ended = True
+                attempt.ended = True  # before any pause: its request side stops at once
                 wake()
-            self.session.client.replicas.worked(address)
-            return
+            if failure is None:
+                self.session.client.replicas.worked(address)
+                return
+            delay = failover.after(address, failure)
+            if delay is None:
+                raise from_rpc_error(failure) from None
+            self.resumed = True
+            if delay:  # 0: a redirect, followed at once
+                yield Pause(delay)
 
     def _received(self, response: pb.StreamResponse) -> list[pb.AppendAck]:
         """What a response acknowledges (an opening: the pieces the replica holds already)."""
