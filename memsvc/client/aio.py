@@ -29,7 +29,7 @@ T = TypeVar("T")
 Replica = tuple[grpc.aio.Channel, pb_grpc.MemoryServiceStub]
 
 
-async def _each(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+async def _items(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item
@@ -40,7 +40,7 @@ async def _each(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
 
 async def _upload(upload: Upload) -> AsyncIterator[Any]:
     yield upload.first
-    async for item in _each(upload.items):
+    async for item in _items(upload.items):
         yield upload.take(item)
 
 
@@ -72,7 +72,8 @@ class AsyncMemoryClient(ClientCore[Replica]):
         except grpc.RpcError as error:
             return Failed(error)
 
-    async def _stream(self, plan: Plan[None]) -> AsyncIterator[Any]:
+    async def each(self, plan: Plan[None]) -> AsyncIterator[Any]:
+        """What ``plan`` delivers, as it comes."""
         with Steps(plan) as steps:
             for step in steps:
                 if not isinstance(step, Deliver):
@@ -80,29 +81,30 @@ class AsyncMemoryClient(ClientCore[Replica]):
                     continue
                 yield step.item
 
-    async def _one(self, plan: Plan[None]) -> Any:
-        items = self._stream(plan)
+    async def one(self, plan: Plan[None]) -> Any:
+        """The one item ``plan`` delivers (a unary call's answer)."""
+        items = self.each(plan)
         try:
             return await anext(items)
         finally:
             await items.aclose()
 
     async def create_session(self, name: str = "") -> AsyncSession:
-        return AsyncSession(self, await self._one(self.answer(calls.create_session(name))))
+        return AsyncSession(self, await self.one(self.answer(calls.create_session(name))))
 
     async def open_session(self, session_id: str) -> AsyncSession:
         """A handle on an existing session (NotFoundError if this tenant has none such)."""
-        info = await self._one(self.answer(calls.get_session(session_id, routed=False)))
+        info = await self.one(self.answer(calls.get_session(session_id, routed=False)))
         return AsyncSession(self, info)
 
     async def list_sessions(self) -> list[pb.Session]:
-        return list((await self._one(self.answer(calls.list_sessions()))).sessions)
+        return list((await self.one(self.answer(calls.list_sessions()))).sessions)
 
     async def import_session(
         self, chunks: Iterable[bytes] | AsyncIterable[bytes], name: str = ""
     ) -> AsyncSession:
         """A new session from an export's bytes (e.g. `AsyncSession.export()`'s chunks)."""
-        info = await self._one(self.answer(calls.import_session(name, chunks)))
+        info = await self.one(self.answer(calls.import_session(name, chunks)))
         return AsyncSession(self, info)
 
     async def close(self) -> None:
@@ -120,10 +122,10 @@ class AsyncSession(SessionCore[AsyncMemoryClient]):
     """One session of the client's tenant, awaited; each call as `Session`'s."""
 
     async def refresh(self) -> pb.Session:
-        return await self.client._one(self._refresh())
+        return await self.client.one(self._refresh())
 
     async def append(self, data: Data) -> pb.AppendAck:
-        return await self.client._one(self._append(data))
+        return await self.client.one(self._append(data))
 
     def append_stream(
         self, pieces: Iterable[Data] | AsyncIterable[Data], window: int = 4
@@ -131,23 +133,23 @@ class AsyncSession(SessionCore[AsyncMemoryClient]):
         return _Appender(AppendStream(self, window), pieces).run(self.client)
 
     async def query(self, prompt: Data, **sampling: Any) -> str:
-        return await self.client._one(self._query(prompt, sampling))
+        return await self.client.one(self._query(prompt, sampling))
 
     def generate(self, prompt: Data, **sampling: Any) -> AsyncIterator[str]:
-        return self.client._stream(self._generate(prompt, sampling))
+        return self.client.each(self._generate(prompt, sampling))
 
     async def checkpoint(self) -> pb.CheckpointInfo:
-        return await self.client._one(self.client.answer(calls.checkpoint(self.id)))
+        return await self.client.one(self.client.answer(calls.checkpoint(self.id)))
 
     async def fork(self, name: str = "") -> AsyncSession:
-        info = await self.client._one(self.client.answer(calls.fork(self.id, name)))
+        info = await self.client.one(self.client.answer(calls.fork(self.id, name)))
         return AsyncSession(self.client, info)
 
     def export(self, chunk_bytes: int = 0) -> AsyncIterator[bytes]:
-        return self.client._stream(self._export(chunk_bytes))
+        return self.client.each(self._export(chunk_bytes))
 
     async def delete(self) -> None:
-        await self.client._one(self.client.answer(calls.delete_session(self.id)))
+        await self.client.one(self.client.answer(calls.delete_session(self.id)))
 
 
 class _Appender:
@@ -162,14 +164,14 @@ class _Appender:
         self.queue: asyncio.Queue[pb.Input | None] = asyncio.Queue(maxsize=1)
 
     async def _pump(self) -> None:
-        async for piece in _each(self.pieces):
+        async for piece in _items(self.pieces):
             await self.queue.put(input_message(piece))
         await self.queue.put(None)
 
     async def run(self, client: AsyncMemoryClient) -> AsyncIterator[pb.AppendAck]:
         pump = asyncio.get_running_loop().create_task(self._pump())
         try:
-            async for ack in client._stream(self.stream.plan(self.requests, self.changed.set)):
+            async for ack in client.each(self.stream.plan(self.requests, self.changed.set)):
                 yield ack
         finally:
             pump.cancel()

@@ -56,7 +56,8 @@ class MemoryClient(ClientCore[Replica]):
         except grpc.RpcError as error:
             return Failed(error)
 
-    def _each(self, plan: Plan[None]) -> Iterator[Any]:
+    def each(self, plan: Plan[None]) -> Iterator[Any]:
+        """What ``plan`` delivers, as it comes."""
         with Steps(plan) as steps:
             for step in steps:
                 if isinstance(step, Deliver):
@@ -64,23 +65,24 @@ class MemoryClient(ClientCore[Replica]):
                 else:
                     steps.reply(step, self._wait(step))
 
-    def _one(self, plan: Plan[None]) -> Any:
-        with contextlib.closing(self._each(plan)) as items:
+    def one(self, plan: Plan[None]) -> Any:
+        """The one item ``plan`` delivers (a unary call's answer)."""
+        with contextlib.closing(self.each(plan)) as items:
             return next(items)
 
     def create_session(self, name: str = "") -> Session:
-        return Session(self, self._one(self.answer(calls.create_session(name))))
+        return Session(self, self.one(self.answer(calls.create_session(name))))
 
     def open_session(self, session_id: str) -> Session:
         """A handle on an existing session (NotFoundError if this tenant has none such)."""
-        return Session(self, self._one(self.answer(calls.get_session(session_id, routed=False))))
+        return Session(self, self.one(self.answer(calls.get_session(session_id, routed=False))))
 
     def list_sessions(self) -> list[pb.Session]:
-        return list(self._one(self.answer(calls.list_sessions())).sessions)
+        return list(self.one(self.answer(calls.list_sessions())).sessions)
 
     def import_session(self, chunks: Iterable[bytes], name: str = "") -> Session:
         """A new session from an export's bytes (e.g. `Session.export()`'s chunks)."""
-        return Session(self, self._one(self.answer(calls.import_session(name, chunks))))
+        return Session(self, self.one(self.answer(calls.import_session(name, chunks))))
 
     def close(self) -> None:
         for channel, _ in self.replicas.connections():
@@ -97,42 +99,42 @@ class Session(SessionCore[MemoryClient]):
     """One session of the client's tenant, called blocking (see `SessionCore`)."""
 
     def refresh(self) -> pb.Session:
-        return self.client._one(self._refresh())
+        return self.client.one(self._refresh())
 
     def append(self, data: Data) -> pb.AppendAck:
         """Appends text (str, UTF-8 bytes) or token ids; returns once they are durable."""
-        return self.client._one(self._append(data))
+        return self.client.one(self._append(data))
 
     def append_stream(self, pieces: Iterable[Data], window: int = 4) -> Iterator[pb.AppendAck]:
         """Appends each piece over one stream, with at most `window` unacknowledged;
         yields their acknowledgements in order. Faster than `append` in a loop.
         Resumes on the session's next owner if its replica fails (core/stream.py)."""
         appender = _Appender(AppendStream(self, window), (input_message(p) for p in pieces))
-        return self.client._each(appender.stream.plan(appender.requests, appender.wake))
+        return self.client.each(appender.stream.plan(appender.requests, appender.wake))
 
     def query(self, prompt: Data, **sampling: Any) -> str:
         """The answer to `prompt` from a copy of the memory; the session is unchanged.
         sampling: see `memsvc.client.messages.prompt_message`."""
-        return self.client._one(self._query(prompt, sampling))
+        return self.client.one(self._query(prompt, sampling))
 
     def generate(self, prompt: Data, **sampling: Any) -> Iterator[str]:
         """Appends the prompt and samples; yields text as it comes. Prompt and output
         become part of the stream."""
-        return self.client._each(self._generate(prompt, sampling))
+        return self.client.each(self._generate(prompt, sampling))
 
     def checkpoint(self) -> pb.CheckpointInfo:
-        return self.client._one(self.client.answer(calls.checkpoint(self.id)))
+        return self.client.one(self.client.answer(calls.checkpoint(self.id)))
 
     def fork(self, name: str = "") -> Session:
-        return Session(self.client, self.client._one(self.client.answer(calls.fork(self.id, name))))
+        return Session(self.client, self.client.one(self.client.answer(calls.fork(self.id, name))))
 
     def export(self, chunk_bytes: int = 0) -> Iterator[bytes]:
         """The session's memory as chunks of bytes (`MemoryClient.import_session` takes them);
         chunk_bytes 0: the server's default (1 MiB, or less under its message limit)."""
-        return self.client._each(self._export(chunk_bytes))
+        return self.client.each(self._export(chunk_bytes))
 
     def delete(self) -> None:
-        self.client._one(self.client.answer(calls.delete_session(self.id)))
+        self.client.one(self.client.answer(calls.delete_session(self.id)))
 
 
 class _Appender:
