@@ -76,10 +76,10 @@ class AsyncMemoryClient(ClientCore[Replica]):
         """What ``plan`` delivers, as it comes."""
         with Steps(plan) as steps:
             for step in steps:
-                if not isinstance(step, Deliver):
+                if isinstance(step, Deliver):
+                    yield step.item
+                else:
                     steps.reply(step, await self._wait(step))
-                    continue
-                yield step.item
 
     async def one(self, plan: Plan[None]) -> Any:
         """The one item ``plan`` delivers (a unary call's answer)."""

@@ -15,7 +15,12 @@ from memsvc.client.core.calls import Upload
 from memsvc.client.core.handles import ClientCore, SessionCore
 from memsvc.client.core.plans import END, Deliver, Failed, Pause, Read, Start, Steps
 from memsvc.client.core.stream import AppendStream
-from memsvc.client.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from memsvc.client.errors import (
+    FailedPreconditionError,
+    MemsvcError,
+    NotFoundError,
+    UnavailableError,
+)
 from memsvc.client.retry import RetryPolicy
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.wire import OWNER_METADATA, POSITION_METADATA
@@ -281,3 +286,12 @@ def test_a_failure_of_the_append_stream_that_is_final_raises_its_typed_error() -
     plan.send(Stream())
     with pytest.raises(FailedPreconditionError):
         plan.throw(Refusal(Code.FAILED_PRECONDITION, "another writer"))
+
+
+def test_steps_keep_no_stream_that_failed_to_start() -> None:
+    with Steps(session(Client())._export(0)) as steps:
+        step = next(iter(steps))
+        steps.reply(step, Failed(Refusal(Code.PERMISSION_DENIED, "no")))
+        with pytest.raises(MemsvcError, match="no"):
+            next(iter(steps))
+    # Leaving the block cancelled nothing (a Failed has no cancel()).

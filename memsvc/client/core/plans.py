@@ -101,9 +101,9 @@ def streamed(
     come: then a failure is final (a second stream would deliver the items again)."""
     while True:
         address, (_, stub) = replicas.pick(call.session_id)
-        responses = yield Start(stub, call.method, call.request, streaming=True)
         received = False
         try:
+            responses = yield Start(stub, call.method, call.request, streaming=True)
             while (message := (yield Read(responses))) is not END:
                 received = True
                 for item in unpacker.feed(message):
@@ -124,8 +124,8 @@ def streamed(
 @dataclass
 class Steps:
     """Runs a plan for a driver: iterate for the steps, `reply` each one's outcome (a
-    `Failed` is thrown into the plan). On exit, response streams the
-    plan started are cancelled (the caller may stop reading early)."""
+    `Failed` is thrown into the plan). On exit, the response streams the plan started
+    are cancelled (the caller may stop reading early)."""
 
     plan: Plan[Any]
     _outcome: Any = None
@@ -144,7 +144,7 @@ class Steps:
             yield step
 
     def reply(self, step: Step, outcome: Any) -> None:
-        if isinstance(step, Start) and step.streaming:
+        if isinstance(step, Start) and step.streaming and not isinstance(outcome, Failed):
             self._streams.append(outcome)
         self._outcome = outcome
 

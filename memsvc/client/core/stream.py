@@ -59,9 +59,9 @@ class AppendStream:
         while True:
             address, (_, stub) = self.session.client.replicas.pick(self.session.id)
             attempt = Attempt(self.session.id)
-            responses = yield Start(stub, "Stream", requests(attempt), streaming=True)
             failure: grpc.RpcError | None = None
             try:
+                responses = yield Start(stub, "Stream", requests(attempt), streaming=True)
                 while (response := (yield Read(responses))) is not END:
                     if response.HasField("opened"):
                         failover = self._failover()  # the failures before it are behind
