@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from memsvc.engine import StreamingEngine
+from memsvc.engine import AppendStats, StreamingEngine
 from memsvc.model.tokenizer import BOS_ID
-from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard
+from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard, byte_histogram
 from memsvc.train.haystack import HAYSTACKS, VOCABULARIES, filler
 
 ADVERSARIAL = ("adversarial:random", "adversarial:repeat")
@@ -37,6 +37,7 @@ class TrafficSample:
     writes_applied: int
     writes_skipped: int
     surprise_ema: float
+    input_entropy: float | None = None  # bits per byte over the guard's window, once full
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ class TrafficRun:
         return asdict(self)
 
 
-def stream_bytes(stream: str, seed: int) -> Iterator[bytes]:
-    """The bytes of a stream, forever: held-out haystack text or an adversarial pattern."""
+def stream_bytes(stream: str, seed: int, split: str = "heldout") -> Iterator[bytes]:
+    """The bytes of a stream, forever: haystack text (the held-out sources and vocabulary,
+    or with split "train" the training ones) or an adversarial pattern."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r} (one of {', '.join(STREAMS)})")
     rng = random.Random(f"traffic-{stream}-{seed}")
@@ -65,7 +67,7 @@ def stream_bytes(stream: str, seed: int) -> Iterator[bytes]:
         while True:
             yield byte * 4096
     else:
-        for unit in filler(rng, stream, VOCABULARIES["heldout"], distractor_rate=0.1, digits=7):
+        for unit in filler(rng, stream, VOCABULARIES[split], distractor_rate=0.1, digits=7):
             yield unit.encode()
 
 
@@ -77,6 +79,7 @@ def run_stream(
     *,
     piece: int = 1024,
     seed: int = 0,
+    split: str = "heldout",
 ) -> TrafficRun:
     """Append `tokens` tokens of `stream` in pieces of `piece`, sampling after each."""
     state = engine.init_state()
@@ -86,7 +89,7 @@ def run_stream(
     samples: list[TrafficSample] = []
     mitigations: list[dict] = []
     pending = bytearray()
-    source = stream_bytes(stream, seed)
+    source = stream_bytes(stream, seed, split)
     position, seconds = 1, 0.0
     while position < tokens:
         while len(pending) < piece:
@@ -98,24 +101,32 @@ def run_stream(
         state, stats = engine.append(state, ids)
         seconds += time.perf_counter() - began
         position = stats.position
-        sample = TrafficSample(
-            position,
-            stats.memory_norm,
-            stats.writes_applied,
-            stats.writes_skipped,
-            stats.surprise_ema,
-        )
-        samples.append(sample)
+        histogram = byte_histogram(ids.tolist())
         if position < guard.window_tokens:  # the server's guards start after one window
+            samples.append(_sample(position, stats, None))
             continue
         check = watcher.observe(
-            GuardSample(position, sample.writes_applied, sample.writes_skipped, sample.memory_norm)
+            GuardSample(
+                position, stats.writes_applied, stats.writes_skipped, stats.memory_norm, histogram
+            )
         )
+        samples.append(_sample(position, stats, check.input_entropy))
         if check.mitigation is not None:
             m = check.mitigation
             mitigations.append({"kind": m.kind, "position": m.position, **dict(m.evidence)})
             state = state.with_mitigation(m.step_scale, m.forget_boost)
     return TrafficRun(stream, position, seconds, fresh, tuple(samples), tuple(mitigations))
+
+
+def _sample(position: int, stats: AppendStats, entropy: float | None) -> TrafficSample:
+    return TrafficSample(
+        position,
+        stats.memory_norm,
+        stats.writes_applied,
+        stats.writes_skipped,
+        stats.surprise_ema,
+        entropy,
+    )
 
 
 def window_growths(run: TrafficRun, window: int) -> list[float]:
@@ -156,6 +167,9 @@ def summarize_run(run: TrafficRun, window: int) -> dict:
         "norm_ratio": percentiles(ratios),
         "norm_growth_per_window": percentiles(window_growths(run, window)),
         "surprise_ema": percentiles([s.surprise_ema for s in after]),
+        "input_entropy": percentiles(
+            [s.input_entropy for s in after if s.input_entropy is not None], (0, 1, 50, 99, 100)
+        ),
         "updates_per_1k": 1000 * applied / max(1, last.position - first.position),
         "write_share": applied / max(1, applied + skipped),
         "mitigations": list(run.mitigations),

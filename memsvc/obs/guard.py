@@ -11,6 +11,8 @@ the newest sample and s0 the newest one at or before s.position - window_tokens,
 
     updates_per_1k = 1000 * (s.writes_applied - s0.writes_applied) / (s.position - s0.position)
     norm_growth    = s.memory_norm / max(s0.memory_norm, 1e-12)
+    input_entropy  = Shannon entropy (bits per byte) of the bytes appended after s0 up to s
+                     (samples that carry their bytes' histogram; None without them)
 
 Decisions are taken once the window is full and starts at or after the last
 change of the knobs (so a window never mixes the stream before and after a
@@ -18,6 +20,8 @@ mitigation: the cool-down is one window). At most one trigger per decision,
 in this order:
 
     update_explosion  norm_growth >= max_norm_growth and updates_per_1k >= min_updates_per_1k
+    anomalous_input   input_entropy > max_input_entropy (noise: random or compressed bytes)
+                      or input_entropy < min_input_entropy (one or two bytes, repeated)
     saturation        s.memory_norm >= saturation_fraction * norm_bound
     recovery          the knobs are off neutral and nothing triggered for recovery_tokens
                       since the last change
@@ -29,6 +33,7 @@ and, from `observe_recall` (the recall canary's session), between samples:
 Each trigger moves the knobs one step from where they are:
 
     update_explosion  step_scale   <- max(min_step_scale, step_scale * step_decay)
+    anomalous_input   the same: writes of noise are damped so they cannot erase what is held
     saturation        forget_boost <- min(max_forget_boost,
                                       max(forget_boost_base, 2 * forget_boost))
     recovery          step_scale   <- min(1, step_scale / step_decay)
@@ -46,12 +51,13 @@ untouched memory in about ln(2) / b tokens.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-MitigationKind = Literal["update_explosion", "saturation", "recovery"]
+MitigationKind = Literal["update_explosion", "anomalous_input", "saturation", "recovery"]
 
 _TINY_NORM = 1e-12
 _SNAP = 1e-9  # relaxing by division lands a rounding error away from 1
@@ -74,6 +80,10 @@ class GuardConfig:
     forget_boost_base: float = 1e-4  # the seed's lambda_0: the first raise of forgetting
     max_forget_boost: float = 1e-3  # half-life of about 700 tokens: the strongest forgetting
     recovery_tokens: int = 65_536  # calm tokens before relaxing one step
+    # Bits per byte of a window's input that no text reaches (docs/GUARDS.md: held-out real
+    # text of every kind spans 4.1-6.6, base64 is 6.0, uniform random bytes 7.95).
+    max_input_entropy: float = 7.5
+    min_input_entropy: float = 1.0  # below any text (4.1); one repeated byte is 0
 
     def __post_init__(self) -> None:
         _require(self.norm_bound > 0, "norm_bound must be positive")
@@ -89,16 +99,45 @@ class GuardConfig:
             "need 0 < forget_boost_base <= max_forget_boost < 1",
         )
         _require(self.recovery_tokens >= self.window_tokens, "recovery_tokens must be >= window")
+        _require(
+            0 <= self.min_input_entropy < self.max_input_entropy,
+            "need 0 <= min_input_entropy < max_input_entropy",
+        )
 
 
 @dataclass(frozen=True)
 class GuardSample:
-    """A session right after an append (the manager's `AppendResult`): running totals."""
+    """A session right after an append (the manager's `AppendResult`): running totals, and
+    the histogram of the append's own bytes (256 counts; `byte_histogram`) when known."""
 
     position: int
     writes_applied: int
     writes_skipped: int
     memory_norm: float
+    input_bytes: Sequence[int] | None = None
+
+
+def byte_histogram(tokens: Sequence[int]) -> list[int]:
+    """How often each byte value 0-255 occurs among `tokens` (special ids above 255 aside)."""
+    counts = [0] * 256
+    for token in tokens:
+        if 0 <= token < 256:
+            counts[token] += 1
+    return counts
+
+
+def entropy_bits(counts: Sequence[int]) -> float | None:
+    """Entropy in bits per byte of a histogram, Miller-Madow corrected (None when empty).
+
+    The plain estimate falls short on few bytes (uniform noise reads 7.2 bits over 256
+    bytes, 7.95 over 4096); adding (K - 1) / (2 N ln 2) for K distinct values in N
+    bytes removes most of that bias, so one band serves short and long windows."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    plain = -sum(c / total * math.log2(c / total) for c in counts if c)
+    distinct = sum(1 for c in counts if c)
+    return max(0.0, plain + (distinct - 1) / (2 * total * math.log(2)))
 
 
 @dataclass(frozen=True)
@@ -120,6 +159,7 @@ class GuardCheck:
     updates_per_1k_tokens: float | None
     norm_growth: float | None
     mitigation: Mitigation | None
+    input_entropy: float | None = None
 
 
 class SessionGuard:
@@ -138,6 +178,7 @@ class SessionGuard:
         self._samples: deque[GuardSample] = deque()
         self._since: int | None = None  # position of the last change (or of the first sample)
         self._best_recall: float | None = None
+        self._window_bytes = _ByteWindow()
 
     def observe(self, sample: GuardSample) -> GuardCheck:
         """Take one append's sample; returns the window's rates and any mitigation."""
@@ -147,18 +188,26 @@ class SessionGuard:
             self._since = None
         since = sample.position if self._since is None else self._since
         self._since = since
+        if samples:  # the window's bytes are those of every sample after its start
+            self._window_bytes.add(sample.input_bytes)
+        else:
+            self._window_bytes.clear()
         samples.append(sample)
         horizon = sample.position - self.config.window_tokens
         while len(samples) > 1 and samples[1].position <= horizon:
             samples.popleft()
+            self._window_bytes.remove(samples[0].input_bytes)  # the new start's own bytes
         start = samples[0]
         if start.position > horizon:
             return GuardCheck(None, None, None)
         span = sample.position - start.position
         rate = 1000.0 * (sample.writes_applied - start.writes_applied) / span
         growth = sample.memory_norm / max(start.memory_norm, _TINY_NORM)
-        mitigation = self._decide(sample, rate, growth, since) if start.position >= since else None
-        return GuardCheck(rate, growth, mitigation)
+        entropy = self._window_bytes.entropy()
+        mitigation = (
+            self._decide(sample, rate, growth, entropy, since) if start.position >= since else None
+        )
+        return GuardCheck(rate, growth, mitigation, entropy)
 
     def observe_recall(self, position: int, recall: float) -> Mitigation | None:
         """Take a recall@k measured on this session (the recall canary's); a fall of more
@@ -175,7 +224,7 @@ class SessionGuard:
         return self.step_scale < 1.0 or self.forget_boost > 0.0
 
     def _decide(
-        self, sample: GuardSample, rate: float, growth: float, since: int
+        self, sample: GuardSample, rate: float, growth: float, entropy: float | None, since: int
     ) -> Mitigation | None:
         cfg = self.config
         evidence = {
@@ -183,10 +232,14 @@ class SessionGuard:
             "norm_growth": growth,
             "memory_norm": sample.memory_norm,
         }
+        if entropy is not None:
+            evidence["input_entropy"] = entropy
         at = sample.position
+        damped = min(self.step_scale, max(cfg.min_step_scale, self.step_scale * cfg.step_decay))
         if growth >= cfg.max_norm_growth and rate >= cfg.min_updates_per_1k:
-            step = min(self.step_scale, max(cfg.min_step_scale, self.step_scale * cfg.step_decay))
-            return self._change("update_explosion", at, evidence, step_scale=step)
+            return self._change("update_explosion", at, evidence, step_scale=damped)
+        if entropy is not None and not (cfg.min_input_entropy <= entropy <= cfg.max_input_entropy):
+            return self._change("anomalous_input", at, evidence, step_scale=damped)
         if sample.memory_norm >= cfg.saturation_fraction * cfg.norm_bound:
             return self._change("saturation", at, evidence, forget_boost=self._raised_boost())
         if self.mitigated and at - since >= cfg.recovery_tokens:
@@ -221,6 +274,33 @@ class SessionGuard:
             self.forget_boost = forget_boost
         self._since = position
         return Mitigation(kind, self.step_scale, self.forget_boost, position, evidence)
+
+
+class _ByteWindow:
+    """The summed byte histograms of a window's appends; unknown while any lacks one."""
+
+    def __init__(self) -> None:
+        self._counts = [0] * 256
+        self._unknown = 0
+
+    def clear(self) -> None:
+        self._counts = [0] * 256
+        self._unknown = 0
+
+    def add(self, histogram: Sequence[int] | None, sign: int = 1) -> None:
+        if histogram is None:
+            self._unknown += sign
+            return
+        counts = self._counts
+        for value, count in enumerate(histogram):
+            if count:
+                counts[value] += sign * count
+
+    def remove(self, histogram: Sequence[int] | None) -> None:
+        self.add(histogram, -1)
+
+    def entropy(self) -> float | None:
+        return None if self._unknown else entropy_bits(self._counts)
 
 
 def _require(ok: bool, message: str) -> None:

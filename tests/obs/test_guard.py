@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
-from memsvc.obs.guard import GuardCheck, GuardConfig, GuardSample, Mitigation, SessionGuard
+from memsvc.obs.guard import (
+    GuardCheck,
+    GuardConfig,
+    GuardSample,
+    Mitigation,
+    SessionGuard,
+    byte_histogram,
+    entropy_bits,
+)
 
 CONFIG = GuardConfig(norm_bound=1000.0, window_tokens=1000, recovery_tokens=4000)
 PIECE = 100  # tokens per append
@@ -195,3 +205,61 @@ def test_triggers_never_loosen_knobs_restored_from_wider_bounds():
     assert guard.observe_recall(0, 1.0) is None
     saturation = guard.observe_recall(1, 0.0)
     assert saturation is not None and saturation.forget_boost == 5e-3
+
+
+# ---- the input-entropy band ---------------------------------------------------------------
+
+
+def feed(guard: SessionGuard, pieces: list[bytes], start: int = 0) -> list[GuardCheck]:
+    """Appends `pieces` (each its own append) with a calm norm; the guard's checks."""
+    checks, position = [], start
+    for piece in pieces:
+        position += len(piece)
+        sample = GuardSample(position, position // 50, 0, 100.0, byte_histogram(piece))
+        checks.append(guard.observe(sample))
+    return checks
+
+
+def test_window_entropy_equals_the_entropy_of_the_windows_bytes_on_random_appends():
+    rng = random.Random(7)
+    guard = SessionGuard(replace(CONFIG, min_input_entropy=0.0, max_input_entropy=8.0))
+    pieces = [
+        bytes(rng.choice(b"abcdefgh" if rng.random() < 0.5 else range(256)) for _ in range(n))
+        for n in (rng.randrange(1, 400) for _ in range(60))
+    ]
+    checks = feed(guard, pieces)
+    ends = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
+    for i, check in enumerate(checks):
+        # The reference: the window starts at the newest sample at or before end - window.
+        starts = [j for j in range(i) if ends[j] <= ends[i] - CONFIG.window_tokens]
+        if not starts:
+            assert check.input_entropy is None
+            continue
+        window = b"".join(pieces[starts[-1] + 1 : i + 1])
+        assert check.input_entropy == pytest.approx(entropy_bits(byte_histogram(window)))
+
+
+def test_text_is_left_alone_and_noise_or_one_repeated_byte_is_damped():
+    text = ("The pass key is 71432. Remember it. 日本語のテキストも。\n" * 40).encode()
+    calm = feed(SessionGuard(CONFIG), [text[i : i + 100] for i in range(0, 3000, 100)])
+    assert all(c.mitigation is None for c in calm)
+    assert 3.0 < calm[-1].input_entropy < 6.0
+
+    noise = random.Random(1).randbytes(3000)
+    checks = feed(SessionGuard(CONFIG), [noise[i : i + 100] for i in range(0, 3000, 100)])
+    fired = [c.mitigation for c in checks if c.mitigation is not None]
+    assert [(m.kind, m.position, m.step_scale) for m in fired] == [
+        ("anomalous_input", 1100, 0.5),  # the first full window
+        ("anomalous_input", 2100, 0.25),  # one window after the change
+    ]
+    assert fired[0].evidence["input_entropy"] > CONFIG.max_input_entropy
+
+    repeated = feed(SessionGuard(CONFIG), [b"z" * 100] * 12)
+    (m,) = [c.mitigation for c in repeated if c.mitigation is not None]
+    assert m.kind == "anomalous_input" and m.evidence["input_entropy"] == 0.0
+
+
+def test_appends_without_their_bytes_never_trip_the_entropy_band():
+    guard = SessionGuard(CONFIG)
+    checks = [guard.observe(GuardSample(100 * i, 2 * i, 0, 100.0)) for i in range(1, 40)]
+    assert all(c.mitigation is None and c.input_entropy is None for c in checks)
