@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from memsvc.engine import AppendStats, StreamingEngine
+from memsvc.model.model import ModelState
 from memsvc.model.tokenizer import BOS_ID
 from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard, byte_histogram
 from memsvc.train.haystack import HAYSTACKS, VOCABULARIES, filler
@@ -82,40 +83,61 @@ def run_stream(
     split: str = "heldout",
 ) -> TrafficRun:
     """Append `tokens` tokens of `stream` in pieces of `piece`, sampling after each."""
-    state = engine.init_state()
-    state, stats = engine.append(state, [BOS_ID])
-    fresh = stats.memory_norm
-    watcher = SessionGuard(guard)
+    state, stats = engine.append(engine.init_state(), [BOS_ID])
+    source = stream_bytes(stream, seed, split)
+    _, samples, mitigations, seconds = stream_guarded(
+        engine, state, source, tokens - 1, guard, piece=piece
+    )
+    return TrafficRun(
+        stream, samples[-1].position, seconds, stats.memory_norm, samples, mitigations
+    )
+
+
+def stream_guarded(
+    engine: StreamingEngine,
+    state: ModelState,
+    source: Iterator[bytes],
+    tokens: int,
+    guard: GuardConfig | None,
+    *,
+    piece: int = 1024,
+) -> tuple[ModelState, tuple[TrafficSample, ...], tuple[dict, ...], float]:
+    """Append `tokens` bytes of `source` to `state` in pieces, a `SessionGuard` watching as
+    the server's does (from one window into the stream) and its mitigations applied;
+    `guard` None: unguarded. Returns the state, the samples, the mitigations and the
+    seconds spent appending."""
+    watcher = None if guard is None else SessionGuard(guard)
     samples: list[TrafficSample] = []
     mitigations: list[dict] = []
     pending = bytearray()
-    source = stream_bytes(stream, seed, split)
-    position, seconds = 1, 0.0
-    while position < tokens:
+    position = int(state.position.reshape(-1)[0])
+    seconds, end = 0.0, position + tokens
+    while position < end:
         while len(pending) < piece:
             pending += next(source)
-        n = min(piece, tokens - position)
+        n = min(piece, end - position)
         ids = torch.tensor(list(pending[:n]), dtype=torch.int64)
         del pending[:n]
         began = time.perf_counter()
         state, stats = engine.append(state, ids)
         seconds += time.perf_counter() - began
         position = stats.position
-        histogram = byte_histogram(ids.tolist())
-        if position < guard.window_tokens:  # the server's guards start after one window
+        if watcher is None:
             samples.append(_sample(position, stats, None))
             continue
-        check = watcher.observe(
-            GuardSample(
-                position, stats.writes_applied, stats.writes_skipped, stats.memory_norm, histogram
+        check = watcher.observe_input(position, byte_histogram(ids.tolist()))
+        mitigation = check.mitigation
+        if position >= watcher.config.window_tokens:  # as the server's guards: after a window
+            sample = GuardSample(
+                position, stats.writes_applied, stats.writes_skipped, stats.memory_norm
             )
-        )
+            mitigation = mitigation or watcher.observe(sample).mitigation
         samples.append(_sample(position, stats, check.input_entropy))
-        if check.mitigation is not None:
-            m = check.mitigation
+        if mitigation is not None:
+            m = mitigation
             mitigations.append({"kind": m.kind, "position": m.position, **dict(m.evidence)})
             state = state.with_mitigation(m.step_scale, m.forget_boost)
-    return TrafficRun(stream, position, seconds, fresh, tuple(samples), tuple(mitigations))
+    return state, tuple(samples), tuple(mitigations), seconds
 
 
 def _sample(position: int, stats: AppendStats, entropy: float | None) -> TrafficSample:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from memsvc.engine import StreamingEngine
 from memsvc.eval.calibration import calibrate
+from memsvc.eval.mitigation import recall_through
 from memsvc.eval.niah import parse_length
 from memsvc.eval.options import add_model_options, load_eval_model
 from memsvc.eval.traffic import STREAMS, run_stream, summarize_run
@@ -92,6 +93,16 @@ def add_traffic_parser(evals: argparse._SubParsersAction) -> None:
     traffic.add_argument(
         "--window-tokens", type=int, default=4096, help="the guards' window (4096)"
     )
+    traffic.add_argument(
+        "--recall-probes",
+        type=int,
+        default=0,
+        help="per stream, this many passkeys streamed before --recall-tokens of it and "
+        "asked after, guarded and unguarded: does a mitigation keep what was written?",
+    )
+    traffic.add_argument(
+        "--recall-tokens", type=parse_length, default="16k", help="see --recall-probes"
+    )
     traffic.add_argument("--seed", type=int, default=0)
     traffic.add_argument("--out", type=Path, help="write the JSON report (every sample) here")
     traffic.add_argument("--plot", type=Path, help="write the norm trajectories to this PNG")
@@ -132,6 +143,17 @@ def run_traffic(args: argparse.Namespace) -> int:
             f"(first at {s['first_mitigation_at']})",
             flush=True,
         )
+    recall = []
+    for stream in args.streams if args.recall_probes > 0 else ():
+        seeds = range(args.seed, args.seed + args.recall_probes)
+        through = recall_through(engine, stream, args.recall_tokens, guard, seeds)
+        recall.append(asdict(through))
+        print(
+            f"{stream:20} passkey after {args.recall_tokens} tokens: guarded "
+            f"{through.guarded:.0%}, unguarded {through.unguarded:.0%} "
+            f"({through.mitigations:.1f} mitigations per probe)",
+            flush=True,
+        )
     report = {
         "model": args.model,
         "model_hash": model_hash(model),
@@ -140,6 +162,7 @@ def run_traffic(args: argparse.Namespace) -> int:
         "split": args.split,
         "piece": args.piece,
         "summaries": summaries,
+        "recall_through": recall,
     }  # fmt: skip
     if args.out:
         full = {**report, "runs": [r.to_dict() for r in runs]}

@@ -11,8 +11,11 @@ the newest sample and s0 the newest one at or before s.position - window_tokens,
 
     updates_per_1k = 1000 * (s.writes_applied - s0.writes_applied) / (s.position - s0.position)
     norm_growth    = s.memory_norm / max(s0.memory_norm, 1e-12)
-    input_entropy  = Shannon entropy (bits per byte) of the bytes appended after s0 up to s
-                     (samples that carry their bytes' histogram; None without them)
+
+and, from `observe_input` (every append's bytes, from the first one),
+
+    input_entropy  = entropy (bits per byte) of the latest appends' bytes, at least
+                     input_window_tokens of them
 
 Decisions are taken once the window is full and starts at or after the last
 change of the knobs (so a window never mixes the stream before and after a
@@ -20,11 +23,15 @@ mitigation: the cool-down is one window). At most one trigger per decision,
 in this order:
 
     update_explosion  norm_growth >= max_norm_growth and updates_per_1k >= min_updates_per_1k
-    anomalous_input   input_entropy > max_input_entropy (noise: random or compressed bytes)
-                      or input_entropy < min_input_entropy (one or two bytes, repeated)
     saturation        s.memory_norm >= saturation_fraction * norm_bound
     recovery          the knobs are off neutral and nothing triggered for recovery_tokens
                       since the last change
+
+and, from `observe_input`, at any append once its window is full:
+
+    anomalous_input   input_entropy > max_input_entropy (noise: random or compressed bytes)
+                      or input_entropy < min_input_entropy (one or two bytes, repeated);
+                      at the step floor already, at most once per window_tokens
 
 and, from `observe_recall` (the recall canary's session), between samples:
 
@@ -33,7 +40,8 @@ and, from `observe_recall` (the recall canary's session), between samples:
 Each trigger moves the knobs one step from where they are:
 
     update_explosion  step_scale   <- max(min_step_scale, step_scale * step_decay)
-    anomalous_input   the same: writes of noise are damped so they cannot erase what is held
+    anomalous_input   step_scale   <- min(step_scale, min_step_scale), at once: noise must
+                                      not overwrite what the memory holds
     saturation        forget_boost <- min(max_forget_boost,
                                       max(forget_boost_base, 2 * forget_boost))
     recovery          step_scale   <- min(1, step_scale / step_decay)
@@ -84,6 +92,9 @@ class GuardConfig:
     # text of every kind spans 4.1-6.6, base64 is 6.0, uniform random bytes 7.95).
     max_input_entropy: float = 7.5
     min_input_entropy: float = 1.0  # below any text (4.1); one repeated byte is 0
+    # The input window is short: 1k tokens of noise already cost the reference model a
+    # third of its passkey recall, 4k nearly all of it (docs/GUARDS.md).
+    input_window_tokens: int = 512
 
     def __post_init__(self) -> None:
         _require(self.norm_bound > 0, "norm_bound must be positive")
@@ -99,6 +110,7 @@ class GuardConfig:
             "need 0 < forget_boost_base <= max_forget_boost < 1",
         )
         _require(self.recovery_tokens >= self.window_tokens, "recovery_tokens must be >= window")
+        _require(self.input_window_tokens >= 1, "input_window_tokens must be >= 1")
         _require(
             0 <= self.min_input_entropy < self.max_input_entropy,
             "need 0 <= min_input_entropy < max_input_entropy",
@@ -107,14 +119,12 @@ class GuardConfig:
 
 @dataclass(frozen=True)
 class GuardSample:
-    """A session right after an append (the manager's `AppendResult`): running totals, and
-    the histogram of the append's own bytes (256 counts; `byte_histogram`) when known."""
+    """A session right after an append (the manager's `AppendResult`): running totals."""
 
     position: int
     writes_applied: int
     writes_skipped: int
     memory_norm: float
-    input_bytes: Sequence[int] | None = None
 
 
 def byte_histogram(tokens: Sequence[int]) -> list[int]:
@@ -159,7 +169,15 @@ class GuardCheck:
     updates_per_1k_tokens: float | None
     norm_growth: float | None
     mitigation: Mitigation | None
-    input_entropy: float | None = None
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What one append's bytes told the guard: the entropy of the input window (None until
+    it holds input_window_tokens bytes) and a mitigation, if any."""
+
+    input_entropy: float | None
+    mitigation: Mitigation | None
 
 
 class SessionGuard:
@@ -178,7 +196,7 @@ class SessionGuard:
         self._samples: deque[GuardSample] = deque()
         self._since: int | None = None  # position of the last change (or of the first sample)
         self._best_recall: float | None = None
-        self._window_bytes = _ByteWindow()
+        self._input = _ByteWindow(config.input_window_tokens)
 
     def observe(self, sample: GuardSample) -> GuardCheck:
         """Take one append's sample; returns the window's rates and any mitigation."""
@@ -188,26 +206,40 @@ class SessionGuard:
             self._since = None
         since = sample.position if self._since is None else self._since
         self._since = since
-        if samples:  # the window's bytes are those of every sample after its start
-            self._window_bytes.add(sample.input_bytes)
-        else:
-            self._window_bytes.clear()
         samples.append(sample)
         horizon = sample.position - self.config.window_tokens
         while len(samples) > 1 and samples[1].position <= horizon:
             samples.popleft()
-            self._window_bytes.remove(samples[0].input_bytes)  # the new start's own bytes
         start = samples[0]
         if start.position > horizon:
             return GuardCheck(None, None, None)
         span = sample.position - start.position
         rate = 1000.0 * (sample.writes_applied - start.writes_applied) / span
         growth = sample.memory_norm / max(start.memory_norm, _TINY_NORM)
-        entropy = self._window_bytes.entropy()
-        mitigation = (
-            self._decide(sample, rate, growth, entropy, since) if start.position >= since else None
+        mitigation = self._decide(sample, rate, growth, since) if start.position >= since else None
+        return GuardCheck(rate, growth, mitigation)
+
+    def observe_input(self, position: int, histogram: Sequence[int]) -> InputCheck:
+        """Take the byte histogram of one append ending at `position` (every append, from
+        the first: input needs no warm-up); returns the entropy of the last
+        input_window_tokens bytes or more (None until there are that many) and any
+        mitigation."""
+        window = self._input
+        window.add(histogram)
+        entropy = window.entropy()
+        if entropy is None:
+            return InputCheck(None, None)
+        cfg = self.config
+        if cfg.min_input_entropy <= entropy <= cfg.max_input_entropy:
+            return InputCheck(entropy, None)
+        since = position if self._since is None else self._since
+        if self.step_scale <= cfg.min_step_scale and position - since < cfg.window_tokens:
+            return InputCheck(entropy, None)  # at the floor: one event per window
+        step = min(self.step_scale, cfg.min_step_scale)
+        evidence = {"input_entropy": entropy}
+        return InputCheck(
+            entropy, self._change("anomalous_input", position, evidence, step_scale=step)
         )
-        return GuardCheck(rate, growth, mitigation, entropy)
 
     def observe_recall(self, position: int, recall: float) -> Mitigation | None:
         """Take a recall@k measured on this session (the recall canary's); a fall of more
@@ -224,7 +256,7 @@ class SessionGuard:
         return self.step_scale < 1.0 or self.forget_boost > 0.0
 
     def _decide(
-        self, sample: GuardSample, rate: float, growth: float, entropy: float | None, since: int
+        self, sample: GuardSample, rate: float, growth: float, since: int
     ) -> Mitigation | None:
         cfg = self.config
         evidence = {
@@ -232,14 +264,10 @@ class SessionGuard:
             "norm_growth": growth,
             "memory_norm": sample.memory_norm,
         }
-        if entropy is not None:
-            evidence["input_entropy"] = entropy
         at = sample.position
-        damped = min(self.step_scale, max(cfg.min_step_scale, self.step_scale * cfg.step_decay))
         if growth >= cfg.max_norm_growth and rate >= cfg.min_updates_per_1k:
-            return self._change("update_explosion", at, evidence, step_scale=damped)
-        if entropy is not None and not (cfg.min_input_entropy <= entropy <= cfg.max_input_entropy):
-            return self._change("anomalous_input", at, evidence, step_scale=damped)
+            step = min(self.step_scale, max(cfg.min_step_scale, self.step_scale * cfg.step_decay))
+            return self._change("update_explosion", at, evidence, step_scale=step)
         if sample.memory_norm >= cfg.saturation_fraction * cfg.norm_bound:
             return self._change("saturation", at, evidence, forget_boost=self._raised_boost())
         if self.mitigated and at - since >= cfg.recovery_tokens:
@@ -277,30 +305,33 @@ class SessionGuard:
 
 
 class _ByteWindow:
-    """The summed byte histograms of a window's appends; unknown while any lacks one."""
+    """The summed byte histograms of the latest appends that hold at least `tokens`
+    bytes (the oldest dropped while the rest still do)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: int) -> None:
+        self._tokens = tokens
+        self._appends: deque[tuple[int, Sequence[int]]] = deque()
         self._counts = [0] * 256
-        self._unknown = 0
+        self._total = 0
 
-    def clear(self) -> None:
-        self._counts = [0] * 256
-        self._unknown = 0
+    def add(self, histogram: Sequence[int]) -> None:
+        size = sum(histogram)
+        self._appends.append((size, histogram))
+        self._shift(histogram, 1)
+        self._total += size
+        while self._total - self._appends[0][0] >= self._tokens:
+            old_size, old = self._appends.popleft()
+            self._shift(old, -1)
+            self._total -= old_size
 
-    def add(self, histogram: Sequence[int] | None, sign: int = 1) -> None:
-        if histogram is None:
-            self._unknown += sign
-            return
+    def _shift(self, histogram: Sequence[int], sign: int) -> None:
         counts = self._counts
         for value, count in enumerate(histogram):
             if count:
                 counts[value] += sign * count
 
-    def remove(self, histogram: Sequence[int] | None) -> None:
-        self.add(histogram, -1)
-
     def entropy(self) -> float | None:
-        return None if self._unknown else entropy_bits(self._counts)
+        return entropy_bits(self._counts) if self._total >= self._tokens else None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -75,19 +75,17 @@ class StreamGuards:
         watched = self._watch(result.session_id, result.step_scale, result.forget_boost)
         last = watched.last  # a generation since then adds its writes to this append's
         started = result.position - result.appended
+        mitigation = None  # the input is checked first: a change there restarts the window
+        if tokens is not None:
+            histogram = byte_histogram(tokens)
+            mitigation = watched.guard.observe_input(result.position, histogram).mitigation
         if result.position >= self.config.window_tokens:
             sample = GuardSample(
-                result.position,
-                result.writes_applied,
-                result.writes_skipped,
-                result.memory_norm,
-                None if tokens is None else byte_histogram(tokens),
+                result.position, result.writes_applied, result.writes_skipped, result.memory_norm
             )
             check = watched.guard.observe(sample)
             watched.updates_per_1k_tokens = check.updates_per_1k_tokens
-            mitigation = check.mitigation
-        else:
-            mitigation = None
+            mitigation = mitigation or check.mitigation
         fresh = started == 0  # its totals before this append were all zero
         self._metrics.observe_append(
             tokens=result.appended,

@@ -12,6 +12,7 @@ from memsvc.obs.guard import (
     GuardCheck,
     GuardConfig,
     GuardSample,
+    InputCheck,
     Mitigation,
     SessionGuard,
     byte_histogram,
@@ -210,36 +211,34 @@ def test_triggers_never_loosen_knobs_restored_from_wider_bounds():
 # ---- the input-entropy band ---------------------------------------------------------------
 
 
-def feed(guard: SessionGuard, pieces: list[bytes], start: int = 0) -> list[GuardCheck]:
-    """Appends `pieces` (each its own append) with a calm norm; the guard's checks."""
+def feed(guard: SessionGuard, pieces: list[bytes], start: int = 0) -> list[InputCheck]:
+    """Appends `pieces` (each its own append); the guard's input checks."""
     checks, position = [], start
     for piece in pieces:
         position += len(piece)
-        sample = GuardSample(position, position // 50, 0, 100.0, byte_histogram(piece))
-        checks.append(guard.observe(sample))
+        checks.append(guard.observe_input(position, byte_histogram(piece)))
     return checks
 
 
-def test_window_entropy_equals_the_entropy_of_the_windows_bytes_on_random_appends():
+def test_input_entropy_equals_the_entropy_of_the_latest_bytes_on_random_appends():
     rng = random.Random(7)
-    guard = SessionGuard(replace(CONFIG, min_input_entropy=0.0, max_input_entropy=8.0))
+    config = replace(CONFIG, min_input_entropy=0.0, max_input_entropy=8.0)
     pieces = [
         bytes(rng.choice(b"abcdefgh" if rng.random() < 0.5 else range(256)) for _ in range(n))
-        for n in (rng.randrange(1, 400) for _ in range(60))
+        for n in (rng.randrange(1, 300) for _ in range(60))
     ]
-    checks = feed(guard, pieces)
-    ends = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
+    checks = feed(SessionGuard(config), pieces)
     for i, check in enumerate(checks):
-        # The reference: the window starts at the newest sample at or before end - window.
-        starts = [j for j in range(i) if ends[j] <= ends[i] - CONFIG.window_tokens]
-        if not starts:
+        # The reference: the fewest latest appends holding input_window_tokens bytes.
+        held = [j for j in range(i + 1) if sum(map(len, pieces[j : i + 1])) >= 512]
+        if not held:
             assert check.input_entropy is None
             continue
-        window = b"".join(pieces[starts[-1] + 1 : i + 1])
+        window = b"".join(pieces[held[-1] : i + 1])
         assert check.input_entropy == pytest.approx(entropy_bits(byte_histogram(window)))
 
 
-def test_text_is_left_alone_and_noise_or_one_repeated_byte_is_damped():
+def test_text_is_left_alone_and_noise_or_one_repeated_byte_goes_to_the_step_floor():
     text = ("The pass key is 71432. Remember it. 日本語のテキストも。\n" * 40).encode()
     calm = feed(SessionGuard(CONFIG), [text[i : i + 100] for i in range(0, 3000, 100)])
     assert all(c.mitigation is None for c in calm)
@@ -249,17 +248,29 @@ def test_text_is_left_alone_and_noise_or_one_repeated_byte_is_damped():
     checks = feed(SessionGuard(CONFIG), [noise[i : i + 100] for i in range(0, 3000, 100)])
     fired = [c.mitigation for c in checks if c.mitigation is not None]
     assert [(m.kind, m.position, m.step_scale) for m in fired] == [
-        ("anomalous_input", 1100, 0.5),  # the first full window
-        ("anomalous_input", 2100, 0.25),  # one window after the change
+        ("anomalous_input", 600, CONFIG.min_step_scale),  # the first full input window
+        ("anomalous_input", 1600, CONFIG.min_step_scale),  # at the floor: once per window
+        ("anomalous_input", 2600, CONFIG.min_step_scale),
     ]
     assert fired[0].evidence["input_entropy"] > CONFIG.max_input_entropy
 
-    repeated = feed(SessionGuard(CONFIG), [b"z" * 100] * 12)
+    repeated = feed(SessionGuard(CONFIG), [b"z" * 100] * 7)
     (m,) = [c.mitigation for c in repeated if c.mitigation is not None]
     assert m.kind == "anomalous_input" and m.evidence["input_entropy"] == 0.0
 
 
-def test_appends_without_their_bytes_never_trip_the_entropy_band():
+def test_noise_keeps_the_floor_against_recovery_and_text_afterwards_recovers():
     guard = SessionGuard(CONFIG)
-    checks = [guard.observe(GuardSample(100 * i, 2 * i, 0, 100.0)) for i in range(1, 40)]
-    assert all(c.mitigation is None and c.input_entropy is None for c in checks)
+    noise = random.Random(2).randbytes(10_000)
+    feed(guard, [noise[i : i + 100] for i in range(0, 10_000, 100)])
+    assert guard.step_scale == CONFIG.min_step_scale
+    text = ("Shipping notes: the parser moved to Friday, the review to Monday. " * 200).encode()
+    session = Session(guard)
+    session.position = 10_000
+    relaxed = []
+    for i in range(0, 12_000, 100):
+        guard.observe_input(session.position + 100, byte_histogram(text[i : i + 100]))
+        check = session.append(norm=100.0)
+        if check.mitigation is not None:
+            relaxed.append(check.mitigation.kind)
+    assert relaxed and set(relaxed) == {"recovery"}
