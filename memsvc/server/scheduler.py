@@ -465,7 +465,9 @@ class Scheduler:
             seconds = time.monotonic() - job.received
             guards = self._guards
             with self._wake:
-                self._jobs.append(lambda: guards.observe(job.tenant_id, outcome, seconds))
+                self._jobs.append(
+                    lambda: guards.observe(job.tenant_id, outcome, seconds, job.tokens)
+                )
 
 
 class PartialAppendError(DeadlineExceededError):
