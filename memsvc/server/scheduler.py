@@ -466,7 +466,9 @@ class Scheduler:
             guards = self._guards
             with self._wake:
                 self._jobs.append(
-                    lambda: guards.observe(job.tenant_id, outcome, seconds, job.tokens)
+                    lambda: _logging_errors(
+                        guards.observe, job.tenant_id, outcome, seconds, job.tokens
+                    )
                 )
 
 
