@@ -7,8 +7,8 @@ memsvc sessions evict SESSION [--tier disk]      # needs the admin key
 memsvc sessions delete SESSION
 
 The server is --address ($MEMSVC_ADDRESS); the tenant's key comes from
-$MEMSVC_API_KEY and the admin key from $MEMSVC_ADMIN_KEY (never flags, so
-they stay out of `ps` and shell history).
+$MEMSVC_API_KEY (never a flag, so it stays out of `ps` and shell history) and the
+admin key from --admin-key-file, --admin-key or $MEMSVC_ADMIN_KEY.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from memsvc.client.admin import AdminClient
 from memsvc.client.errors import MemsvcError
 from memsvc.client.sync import MemoryClient
 from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.settings import add_admin_key_flags, resolve_admin_key
 
 
 def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
@@ -51,6 +52,7 @@ def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
             action.add_argument("session_id")
         if name == "evict":
             action.add_argument("--tier", choices=("disk", "host"), default="disk")
+            add_admin_key_flags(action)
         action.add_argument(
             "--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051")
         )
@@ -80,6 +82,18 @@ def _key(name: str) -> str:
     key = os.environ.get(name)
     if not key:
         raise _MissingKeyError(f"set {name} to the key")
+    return key
+
+
+def _admin_key(args: argparse.Namespace) -> str:
+    try:
+        key = resolve_admin_key(args).value
+    except ValueError as error:
+        raise _MissingKeyError(str(error)) from error
+    if key is None:
+        raise _MissingKeyError(
+            "give the admin key: --admin-key-file, --admin-key or MEMSVC_ADMIN_KEY"
+        )
     return key
 
 
@@ -126,7 +140,7 @@ def _checkpoint(args: argparse.Namespace) -> None:
 def _evict(args: argparse.Namespace) -> None:
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     with AdminClient(
-        args.address, _key("MEMSVC_ADMIN_KEY"), tls=args.tls, root_certificates=roots
+        args.address, _admin_key(args), tls=args.tls, root_certificates=roots
     ) as admin:
         admin.evict(args.session_id, args.tier)
     print(f"evicted {args.session_id} to {args.tier}")

@@ -12,12 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from memsvc.engine import StreamingEngine
-from memsvc.eval.niah import parse_length
-from memsvc.eval.options import add_model_options, load_eval_model
-from memsvc.eval.traffic import STREAMS, run_stream, summarize_run
-from memsvc.model.io import model_hash
-from memsvc.obs.guard import GuardConfig
+from memsvc.eval.options import add_model_options, parse_length
 
 DEFAULT_STREAMS = (
     "sentences",
@@ -34,6 +29,8 @@ DEFAULT_STREAMS = (
 
 
 def _streams(text: str) -> list[str]:
+    from memsvc.eval.traffic import STREAMS  # parsing this flag means the model will run
+
     names = [x for x in text.split(",") if x]
     for name in names:
         if name not in STREAMS:
@@ -83,6 +80,12 @@ def run_traffic(args: argparse.Namespace) -> int:
     if args.piece < 1 or args.tokens <= args.piece:
         print("memsvc eval traffic: need 1 <= --piece < --tokens", file=sys.stderr)
         return 2
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.options import load_eval_model
+    from memsvc.eval.traffic import run_stream, summarize_run
+    from memsvc.model.io import model_hash
+    from memsvc.obs.guard import GuardConfig
+
     model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
     fresh = engine.append(engine.init_state(), [])[1].memory_norm

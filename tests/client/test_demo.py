@@ -18,7 +18,7 @@ def test_demo_streams_restarts_and_asks(tmp_path: Path, model_dir: Path) -> None
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "40"},  # paths longer than a line stay whole
     )
     assert done.returncode == 0, done.stderr + done.stdout
     out = done.stdout
