@@ -35,3 +35,22 @@ def test_package_imports_only_downwards(package: str) -> None:
         if name.startswith(FORBIDDEN[package])
     ]
     assert offenders == []
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_the_demo_is_a_client_of_the_service() -> None:
+    """`memsvc demo` talks to its server through the SDK, as a user's program would; it
+    imports the server's modules only inside `run_demo`, to start the process."""
+    inside = ("memsvc.server", "memsvc.sessions", "memsvc.store", "memsvc.train")
+    imported = _top_level_imports(PACKAGE / "client" / "demo.py")
+    assert "memsvc.client" in imported
+    assert [name for name in imported if name.startswith(inside)] == []
