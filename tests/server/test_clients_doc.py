@@ -15,9 +15,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from memsvc.client import MemoryClient
-from tests.server.harness import Service, engine, model_dir, service  # noqa: F401
+from tests.server.harness import Service
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "CLIENTS.md"
 
 
