@@ -14,7 +14,7 @@ after the other on the same model and threads:
 
 Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine:
 one batched step; grpc: from sending an append to its acknowledgement), and
-the goals of DESIGN.md section 8: 1 session through gRPC >= 80% of in-process,
+the goals of docs/ARCHITECTURE.md ("Goals"): 1 session through gRPC >= 80% of in-process,
 32 sessions >= 4x the aggregate of 1. Batching can only gain where one
 session leaves the cores idle: with large appends a single stream already
 fills them, and the engine's own N-session row is the ceiling. The client

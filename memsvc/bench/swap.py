@@ -18,7 +18,7 @@ Both reads hit the page cache (the file was just written), as a restore of
 a recently evicted session does. Sizes: the reference state, then the same
 model with longer attention windows (the KV cache is most of a state).
 
-Goals (DESIGN.md section 8): restore p99 < 10 ms for a state of a few MB;
+Goals (docs/ARCHITECTURE.md, "Goals"): restore p99 < 10 ms for a state of a few MB;
 eviction at half the disk's write speed or better.
 """
 

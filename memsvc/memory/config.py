@@ -18,7 +18,7 @@ Activation = Literal["gelu", "silu"]
 class MemoryConfig:
     """Everything that defines a `NeuralMemory`, its state layout and its update.
 
-    The defaults reproduce the Titans equations (DESIGN.md section 2): MSE
+    The defaults reproduce the Titans equations (docs/ARCHITECTURE.md, "The memory"): MSE
     objective, L2 retention (learned forgetting), momentum SGD, gradients at the
     chunk-start weights, writes always applied (tau = 0).
     """

@@ -1,8 +1,8 @@
 """Slow, obviously right references for the memory's fast paths (tests hold them equal).
 
 They take every per-token gradient with autograd, one stream and head at a
-time, and run the recurrences token by token exactly as DESIGN.md section 2
-writes them. They share only `NeuralMemory.project` (q, k, v and gates) with the
+time, and run the recurrences token by token exactly as docs/ARCHITECTURE.md
+("The memory") writes them. They share only `NeuralMemory.project` (q, k, v and gates) with the
 fast path, and start from a fresh state.
 """
 
