@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTSIDE = re.compile(r"\.\./shared|DESIGN\.md")
+OUTSIDE = re.compile(r"\.\./shared|DESIGN\.md|notes/trainability")
 SCANNED = ("README.md", "docs", "memsvc", "kernels", "ops", "scripts", "migrations", "proto")
 SUFFIXES = {".md", ".py", ".proto", ".yml", ".yaml", ".toml", ".json", ".ini", ""}
 

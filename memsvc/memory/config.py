@@ -42,7 +42,7 @@ class MemoryConfig:
     max_momentum: float = 0.95
     max_forget: float = 0.5
     # Initial biases of the gate logits. Forgetting starts near zero: long-range
-    # recall dies otherwise (notes/trainability.md).
+    # recall dies otherwise (docs/TRAINING.md).
     step_bias: float = 1.0
     momentum_bias: float = 0.0
     forget_bias: float = -12.0
