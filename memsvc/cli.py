@@ -11,38 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from memsvc.bench.cli import add_bench_parser
 from memsvc.client.cli import add_sessions_parser
 from memsvc.client.demo import add_demo_parser
+from memsvc.commands import CommandParser
 from memsvc.corpus.cli import add_corpus_parser
 from memsvc.eval.cli import add_eval_parser
 from memsvc.obs.top import add_top_parser
 from memsvc.server.cli import add_serve_parser, add_tenants_parser
 from memsvc.store.cli import add_db_parser
-
-
-class CommandParser(argparse.ArgumentParser):
-    """An ArgumentParser that shows every option's default in `--help`, at every depth
-    (argparse makes subparsers of the parent's class, so one class covers them all)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        action = super().add_argument(*args, **kwargs)
-        shown = action.help or ""
-        if (
-            action.option_strings
-            and action.default is not None
-            and action.default is not False  # a flag's "off" (0 and 0.0 are shown)
-            and action.default != argparse.SUPPRESS
-            and "%(default)" not in shown
-        ):
-            action.help = f"{shown} (default: %(default)s)".strip()
-        return action
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
@@ -23,17 +23,13 @@ from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
 from memsvc.model.tokenizer import VOCAB_SIZE
+from memsvc.train.choices import CURRICULA, MEMORY_KINDS, PRESETS, MemoryKind
 from memsvc.train.tasks import (
     Stage,
     long_context_curriculum,
     recall_curriculum,
     reference_curriculum,
 )
-
-MemoryKind = Literal["delta", "mlp", "deep2", "deep4"]
-MEMORY_KINDS: tuple[MemoryKind, ...] = ("delta", "mlp", "deep2", "deep4")
-PRESETS = ("tiny", "reference")
-CURRICULA = ("reference", "long", "recall")
 
 # Parameters that train at `fast_lr_mult` x the learning rate (docs/TRAINING.md,
 # item 4): the memory's gates and convolutions and the attention's q/k convolutions.

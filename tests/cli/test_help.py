@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from memsvc.cli import build_parser
+from memsvc.train.cli import build_parser as build_train_parser
 
 
 def _parsers(
@@ -24,7 +25,8 @@ def _parsers(
 def test_every_default_is_in_the_help() -> None:
     missing = []
     checked = 0
-    for path, parser in _parsers(build_parser()):
+    trees = [*_parsers(build_parser()), *_parsers(build_train_parser(), ("train",))]
+    for path, parser in trees:
         formatter = parser._get_formatter()
         for action in parser._actions:
             shown = action.default is not None and action.default is not False

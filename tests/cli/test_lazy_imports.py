@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 HELP_PATHS = [
+    ["train"],
     [],
     ["serve"],
     ["demo"],
