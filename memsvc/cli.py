@@ -18,7 +18,7 @@ from memsvc.client.demo import add_demo_parser
 from memsvc.commands import CommandParser
 from memsvc.corpus.cli import add_corpus_parser
 from memsvc.eval.cli import add_eval_parser
-from memsvc.obs.top import add_top_parser
+from memsvc.obs.top_cli import add_top_parser
 from memsvc.server.cli import add_serve_parser, add_tenants_parser
 from memsvc.store.cli import add_db_parser
 

@@ -19,17 +19,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-from rich.console import Console
-from rich.table import Table
-
-from memsvc.client.admin import AdminClient
-from memsvc.client.errors import MemsvcError
-from memsvc.client.sync import MemoryClient
-from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.settings import add_admin_key_flags, resolve_admin_key
+
+# The SDK, gRPC and rich are imported by the commands themselves: parsing (and --help)
+# stays fast.
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from memsvc.client.sync import MemoryClient
 
 
 def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
@@ -68,6 +67,8 @@ class _MissingKeyError(Exception):
 
 def _guarded(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
+        from memsvc.client.errors import MemsvcError
+
         try:
             run(args)
         except (MemsvcError, _MissingKeyError) as error:
@@ -98,15 +99,24 @@ def _admin_key(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> MemoryClient:
+    from memsvc.client.sync import MemoryClient
+
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     return MemoryClient(args.address, _key("MEMSVC_API_KEY"), tls=args.tls, root_certificates=roots)
 
 
 def _print(message: Message) -> None:
+    from google.protobuf.json_format import MessageToDict
+
     print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
 
 
 def _list(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from memsvc.proto.v1 import memsvc_pb2 as pb
+
     with _client(args) as client:
         sessions = client.list_sessions()
     if args.json:
@@ -138,6 +148,8 @@ def _checkpoint(args: argparse.Namespace) -> None:
 
 
 def _evict(args: argparse.Namespace) -> None:
+    from memsvc.client.admin import AdminClient
+
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     with AdminClient(
         args.address, _admin_key(args), tls=args.tls, root_certificates=roots

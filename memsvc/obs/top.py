@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -30,7 +28,7 @@ from rich.table import Table
 from memsvc.client.admin import AdminClient
 from memsvc.client.errors import MemsvcError
 from memsvc.proto.v1 import memsvc_pb2 as pb
-from memsvc.settings import add_admin_key_flags, resolve_admin_key
+from memsvc.settings import resolve_admin_key
 
 _MISSING = "-"
 
@@ -177,23 +175,8 @@ def run_top(
     return 0
 
 
-def add_top_parser(commands: argparse._SubParsersAction) -> None:
-    top = commands.add_parser(
-        "top",
-        help="the hottest sessions of a node, live (admin key)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051"))
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
-    top.add_argument("--limit", type=int, default=20, help="sessions shown")
-    top.add_argument("--tls", action="store_true", help="connect with TLS")
-    top.add_argument("--ca-cert", type=Path, help="PEM roots for a private CA (implies TLS)")
-    add_admin_key_flags(top)
-    top.set_defaults(func=_top)
-
-
-def _top(args: argparse.Namespace) -> int:
+def run_top_command(args: argparse.Namespace) -> int:
+    """`memsvc top` (flags in memsvc/obs/top_cli.py): the admin key, then :func:`run_top`."""
     try:
         key = resolve_admin_key(args).value
     except ValueError as error:

@@ -11,12 +11,8 @@ import argparse
 import sys
 
 import structlog
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from memsvc.settings import add_data_dir_flag, announce, data_dir_line
-from memsvc.store.database import sqlite_url
-from memsvc.store.migrate import current_revision, head_revision, upgrade
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +36,13 @@ def add_db_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_upgrade(args: argparse.Namespace) -> int:
     """Migrates to head and prints the revisions before and after; 2 if unreachable."""
+    # SQLAlchemy and Alembic take seconds to import: not for `memsvc ... --help`.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from memsvc.store.database import sqlite_url
+    from memsvc.store.migrate import current_revision, head_revision, upgrade
+
     if args.database_url:
         url = args.database_url
     else:
