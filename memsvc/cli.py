@@ -3,7 +3,7 @@ this file only parses arguments and dispatches.
 
 Building the parser imports no torch: every module that registers a command keeps its
 heavy imports inside the command's handler, so `memsvc tenants ...`, `sessions`, `db`,
-`top` and every `--help` start in a fraction of a second (tests/cli holds this).
+`top` and every `--help` start without paying for torch (tests/cli holds this).
 """
 
 from __future__ import annotations
