@@ -22,11 +22,12 @@ import sys
 from pathlib import Path
 
 from memsvc.settings import (
-    REFERENCE_MODEL_DIR,
+    MODEL_HELP,
     add_admin_key_flags,
     add_data_dir_flag,
     announce,
     data_dir_line,
+    model_dir,
     resolve_admin_key,
 )
 
@@ -52,7 +53,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--address", default="0.0.0.0:50051", help="host:port to listen on")
-    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    serve.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     add_store_flags(serve)
     serve.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="shared hot state ($REDIS_URL)"
