@@ -52,21 +52,6 @@ MESSAGE_BYTES = 8 << 20
 Metadata = tuple[tuple[str, str], ...]
 
 
-def add_neighbour_arguments(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
-        "--neighbour",
-        action="store_true",
-        help="the noisy-neighbour case instead (tenant A's heavy work beside B's appends)",
-    )
-    serve.add_argument("--bulk-tokens", type=int, default=1_000_000, help="--neighbour: A's bulk")
-    serve.add_argument("--bulk-append-tokens", type=int, default=65536)
-    serve.add_argument("--generate-tokens", type=int, default=10_000, help="--neighbour: A's")
-    serve.add_argument("--b-appends", type=int, default=40, help="--neighbour: per B session")
-    serve.add_argument("--query-deadline", type=float, default=1.0, help="--neighbour: seconds")
-    serve.add_argument("--segment-tokens", type=int, default=256, help="--neighbour: server's")
-    serve.add_argument("--step-tokens", type=int, default=1024, help="--neighbour: server's")
-
-
 def run_neighbour_benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tune_allocator()
