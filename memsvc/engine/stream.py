@@ -79,7 +79,7 @@ class StreamingEngine:
     def append(self, state: ModelState, tokens: Tokens) -> tuple[ModelState, AppendStats]:
         """Feed a 1-D token list to one stream; returns its new state and stats."""
         _check_single(state)
-        ids = self._as_tokens(tokens)
+        ids = self.as_tokens(tokens)
         last_logits = None
         for start in range(0, len(ids), self.max_segment):
             logits, state = self._forward(ids[None, start : start + self.max_segment], state)
@@ -95,7 +95,7 @@ class StreamingEngine:
             raise ValueError(f"{len(states)} states but {len(tokens)} token lists")
         for state in states:
             _check_single(state)
-        ids = [self._as_tokens(t) for t in tokens]
+        ids = [self.as_tokens(t) for t in tokens]
         current = list(states)
         done = [0] * len(ids)
         last_logits: list[Tensor | None] = [None] * len(ids)
@@ -119,7 +119,7 @@ class StreamingEngine:
     ) -> Generation:
         """Append the prompt, then sample token by token (see `Generation`)."""
         _check_single(state)
-        prompt = self._as_tokens(prompt_tokens)
+        prompt = self.as_tokens(prompt_tokens)
         if len(prompt) == 0:
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         return Generation(self, state, prompt, params)
@@ -150,7 +150,7 @@ class StreamingEngine:
             batches.append((min(length, self.max_segment), whole))
         return batches
 
-    def _as_tokens(self, tokens: Tokens) -> Tensor:
+    def as_tokens(self, tokens: Tokens) -> Tensor:
         """A 1-D int64 tensor on the model's device, every id inside the vocabulary."""
         if torch.is_tensor(tokens):
             ids = tokens

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
@@ -37,3 +40,24 @@ def assert_matches_reference(
 
 def flat(batches: Sequence[Sequence[int]]) -> list[int]:
     return [token for batch in batches for token in batch]
+
+
+def poisoned(state: ModelState) -> ModelState:
+    """A copy of ``state`` whose memory weights are infinite: its next memory write goes
+    non-finite (an induced explosion)."""
+    return ModelState.from_dict(
+        {
+            name: torch.full_like(tensor, math.inf) if ".memory.weights." in name else tensor
+            for name, tensor in state.to_dict().items()
+        }
+    )
+
+
+def poison(manager: SessionManager, tenant_id: str, session_id: str) -> None:
+    """Replaces the session's state in memory with ``poisoned`` (as a fault would: nothing on
+    disk changes). Reaches into the manager: no public call can break a state."""
+    manager.prefetch(tenant_id, session_id)
+    live = manager._books.get(session_id)
+    assert live is not None and live.state is not None
+    with manager._books.holding(live):
+        live.move(poisoned(live.state))
