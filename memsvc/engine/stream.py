@@ -124,6 +124,24 @@ class StreamingEngine:
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         return Generation(self, state, prompt, params)
 
+    def as_tokens(self, tokens: Tokens) -> Tensor:
+        """A 1-D int64 tensor on the model's device, every id inside the vocabulary; ValueError
+        otherwise. Every call checks its tokens with it; the session layer checks a request's
+        tokens with it before anything changes."""
+        if torch.is_tensor(tokens):
+            ids = tokens
+        else:  # no dtype given, so floats and bools show as such instead of being cast
+            ids = torch.tensor(list(tokens)) if len(tokens) else torch.zeros(0, dtype=torch.int64)
+        if ids.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"tokens must be integers, got {ids.dtype}")
+        vocab = self.model.config.vocab_size
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        return ids.to(self.device, torch.int64)
+
     # ---- internals ---------------------------------------------------------------------
 
     @torch.no_grad()
@@ -149,22 +167,6 @@ class StreamingEngine:
             length = min(remaining[i] - remaining[i] % c for i in whole)
             batches.append((min(length, self.max_segment), whole))
         return batches
-
-    def as_tokens(self, tokens: Tokens) -> Tensor:
-        """A 1-D int64 tensor on the model's device, every id inside the vocabulary."""
-        if torch.is_tensor(tokens):
-            ids = tokens
-        else:  # no dtype given, so floats and bools show as such instead of being cast
-            ids = torch.tensor(list(tokens)) if len(tokens) else torch.zeros(0, dtype=torch.int64)
-        if ids.dim() != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"tokens must be integers, got {ids.dtype}")
-        vocab = self.model.config.vocab_size
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            bad = ids[(ids < 0) | (ids >= vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
-        return ids.to(self.device, torch.int64)
 
 
 class Generation:
