@@ -315,8 +315,11 @@ class LiveSession:
         env.books.count(checkpoints=1)
         return info
 
-    def created(self, info: CheckpointInfo) -> None:
-        """Takes ``info`` as the session's newest checkpoint."""
+    def created(self, info: CheckpointInfo, state: ModelState | None = None) -> None:
+        """Takes ``info`` as the session's newest checkpoint; ``state``: the one it holds,
+        when the session was just created from it (its knobs are the session's)."""
+        if state is not None:
+            self.step_scale, self.forget_boost = knobs(state)  # a fork keeps its source's
         self.sequence = info.sequence
         self.durable_position = info.position
         self.last_checkpoint = info

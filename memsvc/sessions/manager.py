@@ -86,7 +86,7 @@ from memsvc.sessions.config import ManagerConfig
 from memsvc.sessions.durability import SessionRepository, StateIdentity
 from memsvc.sessions.fencing import Claim
 from memsvc.sessions.generation import SessionGeneration
-from memsvc.sessions.live import LiveSession, SessionEnv, knobs
+from memsvc.sessions.live import LiveSession, SessionEnv
 from memsvc.sessions.maintenance import Maintenance
 from memsvc.sessions.ownership import Ownership
 from memsvc.sessions.portable import chunked, decode_export, encode_export
@@ -532,8 +532,7 @@ class SessionManager:
             finally:
                 ownership.release(row.id)
         session = self._remember(row, position=int(state.position[0]), on_disk=True)
-        session.created(info)
-        session.step_scale, session.forget_boost = knobs(state)  # a fork keeps its source's
+        session.created(info, state)
         return self._info(session)
 
     def _info(self, session: LiveSession) -> SessionInfo:
