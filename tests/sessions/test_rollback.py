@@ -50,6 +50,10 @@ def test_a_non_finite_append_is_refused_and_rolled_back(
     assert manager.append(tenant, session, more).position == len(acknowledged) + len(more)
     assert manager.get(tenant, session).tier is Tier.DEVICE
     assert_matches_reference(manager, engine, tenant, session, acknowledged + more)
+    manager.close()  # and after a restart: nothing acknowledged lost, nothing refused kept
+    restarted = make_manager()
+    assert restarted.get(tenant, session).position == len(acknowledged) + len(more)
+    assert_matches_reference(restarted, engine, tenant, session, acknowledged + more)
 
 
 def test_a_batched_step_refuses_only_the_exploding_session(
