@@ -556,23 +556,5 @@ class SessionManager:
         )
 
 
-class _Unobserved:
-    """The observer of a manager given none."""
-
-    def observe_eviction(self, seconds: float, tier: str) -> None:
-        pass
-
-    def observe_restore(self, seconds: float, tier: str) -> None:
-        pass
-
-    def observe_checkpoint(self, seconds: float) -> None:
-        pass
-
-    def count_checkpoint_failure(self) -> None:
-        pass
-
-    def observe_wal_sync(self, seconds: float) -> None:
-        pass
-
-    def count_rollback(self) -> None:
-        pass
+class _Unobserved(SessionObserver):
+    """The observer of a manager given none: the protocol's methods do nothing."""
