@@ -12,7 +12,10 @@ the claim, and only then makes the new state the session's (and checkpoints
 when a mark is crossed). The batched path (``batch.py``) runs the same three
 steps, syncing many logs at once. A state that went non-finite is never
 applied: ``roll_back`` unloads the session, so its next use restores the last
-finite state from disk (checkpoint plus log: everything acknowledged).
+finite state: the one in memory, which the engine never changed in place,
+unless that state itself is not finite (damaged in memory), in which case
+the session is unloaded and its next use restores it from disk (checkpoint
+plus log: everything acknowledged).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from memsvc.sessions.fencing import Claim, FencedOutError
 from memsvc.sessions.ownership import LeaseLostError, LeaseTakenError, Ownership
 from memsvc.sessions.residency import Books
 from memsvc.sessions.restore import Restored
+from memsvc.sessions.state_check import is_finite
 from memsvc.sessions.wal import CorruptWalHeaderError, WriteAheadLog, read_wal
 from memsvc.store.errors import StaleFenceError
 from memsvc.store.models import EventKind
@@ -113,6 +117,10 @@ class LiveSession:
                 f"session {self.id} is at position {self.position}, the append expected {expected}",
                 self.position,
             )
+
+    def mark_gone(self, why: str) -> None:
+        """The session was deleted or quarantined: callers waiting for it hear so."""
+        self.gone = why
 
     # ---- loading and unloading ----------------------------------------------------------
 
@@ -249,14 +257,22 @@ class LiveSession:
     def roll_back(self, error: NonFiniteStateError, request: str) -> StateRolledBackError:
         """The error refusing a request whose update went non-finite, after rolling back.
 
-        Nothing of the request was logged, so the last finite state is the one on
-        disk (checkpoint plus log: every acknowledged token): the state in memory
-        is unloaded and the next use restores it. Recorded as a ROLLBACK event and
-        counted (``memsvc_state_rollbacks_total``); the event is best effort.
+        Nothing of the request was logged or applied, so the state in memory is
+        the last finite one (every acknowledged token) and stays, unless it is
+        not finite itself: then it is unloaded and the next use restores it from
+        disk. Recorded as a ROLLBACK event and counted
+        (``memsvc_state_rollbacks_total``); the event is best effort.
         """
         position = self.position if self.position is not None else self.durable_position
-        self.unload()
-        payload = {"request": request, "position": position, "reason": str(error)}
+        from_disk = self.state is None or not is_finite(self.state)
+        if from_disk:
+            self.unload()
+        payload = {
+            "request": request,
+            "position": position,
+            "from_disk": from_disk,
+            "reason": str(error),
+        }
         log.warning("state_rolled_back", tenant=self.tenant_id, session=self.id, **payload)
         self.env.observer.count_rollback()
         try:

@@ -40,9 +40,10 @@ call that touches Redis waits for it.
 
 Rollback. An update that makes a session's memory state non-finite (an
 append, a batched append, a generation, a query) is refused with
-StateRolledBackError and never logged; the session goes back to its last
-finite state (``LiveSession.roll_back``), is recorded as a ROLLBACK event and
-counted. In a batched step the other sessions are stepped alone and go on.
+StateRolledBackError and never logged; the session keeps its last finite
+state (restored from disk if the one in memory is damaged:
+``LiveSession.roll_back``), and the rollback is recorded as a ROLLBACK event
+and counted. In a batched step the other sessions are stepped alone and go on.
 
 Mitigation. ``mitigate`` sets a session's memory knobs (step scale, forget
 boost: ``ModelState.with_mitigation``); they are part of the state, so the

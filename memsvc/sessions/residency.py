@@ -181,7 +181,7 @@ class Books:
 
     def forget(self, session: LiveSession, why: str) -> None:
         """The session is gone (``why``: "deleted" or "quarantined")."""
-        session.gone = why
+        session.mark_gone(why)
         with self.lock:
             self.sessions.pop(session.id, None)
 

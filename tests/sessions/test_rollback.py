@@ -2,7 +2,8 @@
 StateRolledBackError, the session goes back to its last finite state (every acknowledged
 token kept), a ROLLBACK event is recorded and the rollback counted; other sessions in the
 same batched step go on as if stepped alone. The explosion is induced by infinite memory
-weights in the session's state in memory (``helpers.poison``); nothing is mocked."""
+weights (or a huge step scale) in the session's state in memory (``helpers.poison``);
+nothing is mocked."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from memsvc.sessions.api import AppendResult, StateRolledBackError, Tier
 from memsvc.store.database import Database
 from tests.engine.conftest import CHUNK
 from tests.sessions.conftest import MakeManager, new_tenant, random_batches
-from tests.sessions.helpers import assert_matches_reference, flat, poison
+from tests.sessions.helpers import (
+    assert_matches_reference,
+    explosive,
+    flat,
+    poison,
+    state_of,
+)
+from tests.state_asserts import assert_states_equal
 
 ROLLBACKS = "memsvc_state_rollbacks_total"
 
@@ -45,6 +53,7 @@ def test_a_non_finite_append_is_refused_and_rolled_back(
     events = _rollback_events(manager, tenant, session)
     assert len(events) == 1
     assert events[0]["request"] == "append" and events[0]["position"] == len(acknowledged)
+    assert events[0]["from_disk"] is True  # the poisoned state in memory was not finite
     # The last finite state, and it takes appends again.
     more = [7, 8, 9]
     assert manager.append(tenant, session, more).position == len(acknowledged) + len(more)
@@ -116,3 +125,27 @@ def test_generate_and_query_roll_back_and_commit_nothing(
     tokens = list(manager.generate(tenant, session, [4, 5], params))
     assert manager.get(tenant, session).position == len(acknowledged) + 2 + len(tokens)
     assert_matches_reference(manager, engine, tenant, session, [*acknowledged, 4, 5, *tokens])
+
+
+def test_a_finite_state_that_explodes_is_kept_without_a_restore(
+    make_manager: MakeManager, engine: StreamingEngine, database: Database
+) -> None:
+    metrics = ServiceMetrics()
+    manager = make_manager(observer=metrics)
+    tenant = new_tenant(database)
+    session = manager.create(tenant).session_id
+    acknowledged = flat(random_batches(3, seed=7))
+    manager.append(tenant, session, acknowledged)
+    poison(manager, tenant, session, explosive)  # finite, but its next write overflows
+    before = state_of(manager, tenant, session)
+    restores = manager.stats().restores
+
+    with pytest.raises(StateRolledBackError):
+        manager.append(tenant, session, list(range(1, 2 * CHUNK + 1)))
+
+    assert manager.stats().restores == restores  # the state in memory was the finite one
+    assert manager.get(tenant, session).tier is Tier.DEVICE
+    assert_states_equal(state_of(manager, tenant, session), before, rtol=0, atol=0)
+    (event,) = _rollback_events(manager, tenant, session)
+    assert event["from_disk"] is False and event["position"] == len(acknowledged)
+    assert metrics.registry.get_sample_value(ROLLBACKS) == 1
