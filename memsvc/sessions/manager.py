@@ -80,6 +80,7 @@ from memsvc.sessions.api import (
     SessionInfo,
     SessionNotFoundError,
     SessionObserver,
+    StateRolledBackError,
     Tier,
 )
 from memsvc.sessions.batch import BatchAppender, Item
@@ -307,8 +308,17 @@ class SessionManager:
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
         except NonFiniteStateError as error:
-            with self._books.holding(session):
-                raise session.roll_back(error, "query") from error
+            raise self.roll_back(tenant_id, session_id, error, "query") from error
+
+    def roll_back(
+        self, tenant_id: str, session_id: str, error: NonFiniteStateError, request: str
+    ) -> StateRolledBackError:
+        """The error that refuses a ``request`` ("query", ...) whose update of a snapshot of
+        the session went non-finite, once the session is rolled back (``LiveSession.roll_back``:
+        recorded and counted). For callers that step a snapshot themselves."""
+        session = self._resolve(tenant_id, session_id)
+        with self._books.holding(session):
+            return session.roll_back(error, request)
 
     # ---- durability and residency -------------------------------------------------------
 
