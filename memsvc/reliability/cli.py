@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memsvc.model.reference import REFERENCE_MODEL_DIR
 from memsvc.reliability.fuzz import MissingExtraError, require_hypothesis
+from memsvc.settings import REFERENCE_MODEL_DIR
 
 PARTS = ("load", "faults", "fuzz")
 # scenarios.FAULTS' keys, named here so that building the parser imports nothing heavy.

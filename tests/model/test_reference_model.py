@@ -7,7 +7,7 @@ from memsvc.engine import StreamingEngine
 from memsvc.eval.niah import evaluate_length
 from memsvc.eval.probe import ProbeSpec
 from memsvc.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
-from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.settings import REFERENCE_MODEL_DIR
 
 
 def test_reference_model_ships_under_25_mb() -> None:
