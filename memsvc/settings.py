@@ -19,8 +19,23 @@ from pathlib import Path
 DATA_DIR_ENV = "MEMSVC_DATA_DIR"
 ADMIN_KEY_ENV = "MEMSVC_ADMIN_KEY"
 
-# The shipped reference model: the default model of `serve`, `demo`, `eval` and the benches.
-REFERENCE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "reference-model"
+# The shipped models, by the name `--model` takes (a path works too). "default" is the
+# model of `serve`, `demo`, `eval` and the benches; each directory has its MODEL_CARD.md.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_MODELS = {
+    "default": "reference-model",  # the recall-curriculum delta memory (real text, facts)
+    "titans-deep": "titans-deep",  # the seed's deep MLP memory with momentum, depth 2
+    "reference-v1": "reference-v1",  # the first shipped model, for sessions pinned to it
+}
+REFERENCE_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["default"]
+MODEL_HELP = f"a shipped model ({', '.join(SHIPPED_MODELS)}) or a model directory"
+
+
+def model_dir(value: str) -> Path:
+    """`--model`: a shipped model's name, else a path."""
+    if value in SHIPPED_MODELS:
+        return ASSETS_DIR / SHIPPED_MODELS[value]
+    return Path(value)
 
 
 def user_data_dir(env: Mapping[str, str] = os.environ) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memsvc.commands import deferred, module_description
 from memsvc.reliability.cli import add_reliability_parser
-from memsvc.settings import REFERENCE_MODEL_DIR
+from memsvc.settings import MODEL_HELP, model_dir
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,7 +46,7 @@ def _add_serve(benches: argparse._SubParsersAction) -> None:
         help="gRPC streaming throughput and ack latency vs the in-process engine (same run)",
         description=module_description("memsvc.bench.serve"),
     )
-    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    serve.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     serve.add_argument(
         "--sessions", type=_int_list, default=[1, 8, 32, 128], help="concurrencies measured"
     )

@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from memsvc.client import MemoryClient
-from memsvc.settings import REFERENCE_MODEL_DIR
+from memsvc.settings import MODEL_HELP, model_dir
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="stream, restart, recall: the service in a minute")
-    demo.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    demo.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     demo.add_argument(
         "--data-dir",
         type=Path,

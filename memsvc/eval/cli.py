@@ -115,7 +115,7 @@ def run_niah(args: argparse.Namespace) -> int:
                 f"{row.tokens_per_s:,.0f} tok/s, peak RSS {row.peak_rss_mb:,.0f} MB"
             )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "task": args.task,
         "memory": not args.no_memory,

@@ -141,7 +141,7 @@ def run_facts(args: argparse.Namespace) -> int:
                             f"({row['updates_per_1k']:.1f} updates / 1k tokens)"
                         )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "memory": not args.no_memory,
         "memory_set": dict(args.memory_set),

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
-from memsvc.settings import REFERENCE_MODEL_DIR
+from memsvc.settings import MODEL_HELP, model_dir
 
 if TYPE_CHECKING:
     from memsvc.model import MAGModel
@@ -47,7 +47,7 @@ def parse_override(text: str) -> tuple[str, float | bool]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="model directory")
+    parser.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     parser.add_argument(
         "--memory-set",
         type=parse_override,

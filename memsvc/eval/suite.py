@@ -142,7 +142,7 @@ def run_suite(args: argparse.Namespace) -> int:
     engines = {True: StreamingEngine(model), False: StreamingEngine(model, use_memory=False)}
     wanted = [w for w in args.rows.split(",") if w]
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "model_hash": model_hash(model),
+    report = {"model": str(args.model), "model_hash": model_hash(model),
               "memory_set": dict(args.memory_set), "scale": args.scale, "rows": []}  # fmt: skip
     for row in rows():
         if wanted and not any(w in row.name for w in wanted):

@@ -154,7 +154,7 @@ def run_traffic(args: argparse.Namespace) -> int:
             flush=True,
         )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "memory_set": dict(args.memory_set),
         "guard": asdict(guard),

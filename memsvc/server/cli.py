@@ -24,11 +24,12 @@ from pathlib import Path
 from memsvc.sessions.config import MAX_TOKENS_PER_APPEND
 from memsvc.sessions.ownership import DEFAULT_LEASE_TTL_MS
 from memsvc.settings import (
-    REFERENCE_MODEL_DIR,
+    MODEL_HELP,
     add_admin_key_flags,
     add_data_dir_flag,
     announce,
     data_dir_line,
+    model_dir,
     resolve_admin_key,
 )
 
@@ -54,7 +55,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--address", default="0.0.0.0:50051", help="host:port to listen on")
-    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    serve.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     add_store_flags(serve)
     serve.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="shared hot state ($REDIS_URL)"
