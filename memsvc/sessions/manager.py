@@ -325,8 +325,8 @@ class SessionManager:
         modified in place, so later appends do not reach it)."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            return self._ready(session)
+        with self._books.holding(session):
+            return self._residency.ready(session)
 
     # ---- durability and residency -------------------------------------------------------
 

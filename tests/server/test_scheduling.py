@@ -22,7 +22,6 @@ from memsvc.server.scheduler import Scheduler, SchedulerConfig
 from tests.server.harness import (
     ADMIN_KEY,
     MAX_MESSAGE_BYTES,
-    MAX_TOKENS_PER_REQUEST,
     Service,
     TenantKey,
     start_service,
@@ -52,7 +51,6 @@ def served(tmp_path: Path, engine: StreamingEngine) -> Iterator[Service]:
         address="127.0.0.1:0",
         admin_key=ADMIN_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         shutdown_grace_s=5.0,
         scheduling=SCHEDULING,
     )
@@ -193,7 +191,6 @@ def test_a_bulk_append_past_its_deadline_says_how_much_went_in(
         address="127.0.0.1:0",
         admin_key=ADMIN_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         scheduling=replace(SCHEDULING, segment_tokens=16, step_tokens=16),
     )
     service = start_service(tmp_path / "data", engine, config)
