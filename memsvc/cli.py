@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from memsvc.bench.decode import add_decode_bench_parser
 from memsvc.bench.serve import add_serve_bench_parser
 from memsvc.bench.swap import add_swap_bench_parser
 from memsvc.client.cli import add_sessions_parser
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lmm.set_defaults(func=_bench_lmm)
     add_serve_bench_parser(benches)
+    add_decode_bench_parser(benches)
     add_swap_bench_parser(benches)
     add_reliability_parser(benches)
     return parser

@@ -38,6 +38,7 @@ class MemoryStep:
     different offsets in their chunks). `step` reads and buffers one token of every
     stream; `write_chunk` completes the chunks that end at this step."""
 
+    @torch.no_grad()
     def __init__(self, memory: NeuralMemory, states: Sequence[MemoryState]) -> None:
         cfg = memory.config
         self.memory = memory
@@ -120,25 +121,27 @@ class MemoryStep:
         cfg = self.memory.config
         b, h, d, dim = self.batch, cfg.heads, cfg.head_dim, cfg.dim
         n = self.n
-        q = F.normalize(p[:, :dim].reshape(b, h, d), dim=-1)  # (B, H, d)
-        v = p[:, p.shape[1] - dim :].reshape(b, h, d)
+        parts = p.chunk(p.shape[1] // dim, dim=1)
+        q = F.normalize(parts[0].view(b, h, d), dim=-1)  # (B, H, d)
+        v = parts[-1].view(b, h, d)
         self.query_before = self.last_query  # the chunk path's state.last_query for this token
         if cfg.lookahead:
             k, self.last_query = self.last_query, q
         else:
-            k = F.normalize(p[:, dim : 2 * dim].reshape(b, h, d), dim=-1)
+            k = F.normalize(parts[1].view(b, h, d), dim=-1)
         g = torch.sigmoid(gate_logits) * self.gate_scale  # (B, 3H): theta, eta, alpha
         if self.mitigation is not None:
             g = torch.addcmul(self.mitigation[1], g, self.mitigation[0])
-        g = g.view(b, 3, h).transpose(1, 2)  # (B, H, 3)
+        g = g.view(b, 3, h)
         self.key_slots[slot].copy_(k)
         self.value_slots[slot].copy_(v)
-        self.gate_slots[slot].copy_(g)
+        self.gate_slots[slot].copy_(g.transpose(1, 2))  # (B, H, 3)
         if self.delta:
             w = self.running  # (N, d, d)
             kn, vn = k.reshape(n, 1, d), v.reshape(n, 1, d)
-            a = torch.sub(self.one, g[..., 2]).view(n, 1, 1)
-            theta = g[..., 0].reshape(n, 1, 1)
+            theta, _, alpha = g.unbind(1)  # (B, H) each
+            a = torch.sub(self.one, alpha).view(n, 1, 1)
+            theta = theta.reshape(n, 1, 1)
             r = torch.bmm(kn, w).mul_(a).sub_(vn).mul_(theta)  # theta (a k^T W - v^T)
             w.mul_(a).baddbmm_(kn.transpose(1, 2), r, alpha=-1.0)
             y = torch.bmm(q.reshape(n, 1, d), w)
@@ -170,7 +173,8 @@ class MemoryStep:
             forget_boost=self.forget_boost[idx],
             **{name: value[idx] for name, value in self.counters.items()},
         )
-        y, new = self.memory(x[:, None], state)  # (S, 1, dim)
+        with torch.no_grad():
+            y, new = self.memory(x[:, None], state)  # (S, 1, dim)
         for w, nw in zip(self.weights, new.weights, strict=True):
             w[rows] = nw.reshape(-1, *w.shape[1:])
         for m, nm in zip(self.momentum, new.momentum, strict=True):

@@ -40,6 +40,7 @@ from memsvc.model.model import MAGModel, ModelState
 class _LayerDecoder:
     """One MAG block's weights, rearranged for one token, and its buffers for B streams."""
 
+    @torch.no_grad()
     def __init__(
         self, block: MAGBlock, states: Sequence[BlockState], positions: Tensor, use_memory: bool
     ) -> None:
@@ -141,7 +142,7 @@ class _LayerDecoder:
         # (a sigmoid follows it).
         self.eps = torch.full((1,), cfg.norm_eps, dtype=dtype, device=dev)
         self.proj_t = self.proj_t * blk.norm.weight[:, None]
-        self.mem_norm_w = blk.mem_norm.weight
+        self.mem_norm_w = blk.mem_norm.weight.detach()
         self.out_t = (blk.out_proj.weight * blk.attn_norm.weight).t().contiguous()
         self.gate_up_t = (blk.ffn.gate_up.weight * blk.ffn_norm.weight).t().contiguous()
         self.down_t = blk.ffn.down.weight.t().contiguous()
@@ -162,37 +163,40 @@ class _LayerDecoder:
         self.mask_bh = self.mask.view(b * h, 1, n_keys)
         self.keys_t = self.keys.view(b * h, n_keys, 2 * dh).transpose(1, 2)
         self.values_bh = self.values.view(b * h, n_keys, dh)
-        self.cc = cc
+        self.proj_split = [cc, cfg.d_model, self.proj_t.shape[1] - cc - cfg.d_model]
+        self.conv_split = [2 * cfg.d_model, 2 * cfg.d_model, self.mem_channels]
 
     def step(self, x: Tensor, step: int, cos: Tensor, sin: Tensor, chunk_ends: list[int]) -> Tensor:
         """x (B, D) -> (B, D) for the token at decoder step `step`; cos, sin (dh,) its RoPE."""
         cfg = self.cfg
         b, d, h, dh = self.batch, cfg.d_model, cfg.n_heads, cfg.head_dim
         eps = self.eps
-        cc = self.cc
         proj = torch.addmm(self.proj_bias, x * _inv_rms(x, eps), self.proj_t)  # (B, out)
+        conv_in, v, gate_logits = proj.split_with_sizes(self.proj_split, dim=1)
         i = step % self.span
         now, twin = self.hist_now[i]
-        now.copy_(proj[:, :cc])
-        twin.copy_(proj[:, :cc])
+        now.copy_(conv_in)
+        twin.copy_(conv_in)
         window = self.windows[i]  # (B, L, ch) oldest first
         conv = (window * self.taps).sum(1)  # (B, ch)
 
-        qk = conv[:, : 2 * d].view(b, 2, h, dh)
-        qk_rot = torch.addcmul(qk * cos, conv[:, 2 * d : 4 * d].view(b, 2, h, dh), sin)
+        qk, partner, mem_in = conv.split_with_sizes(self.conv_split, dim=1)
+        qk = qk.view(b, 2, h, dh)
+        q_rot, k_rot = torch.addcmul(qk * cos, partner.view(b, 2, h, dh), sin).unbind(1)
+        q, k = qk.unbind(1)
         j = step % self.ring
-        self.key_slots[j].copy_(qk_rot[:, 1])
-        self.value_slots[j].copy_(proj[:, cc : cc + d].view(b, h, dh))
-        self.raw_slots[j].copy_(qk[:, 1])
+        self.key_slots[j].copy_(k_rot)
+        self.value_slots[j].copy_(v.view(b, h, dh))
+        self.raw_slots[j].copy_(k)
         self.mask_slots[j].fill_(0.0)
-        query = torch.cat([qk_rot[:, 0], qk[:, 0]], dim=-1).view(b * h, 1, 2 * dh)
+        query = torch.cat([q_rot, q], dim=-1).view(b * h, 1, 2 * dh)
         scores = torch.baddbmm(self.mask_bh, query, self.keys_t)  # (BH, 1, P + W + 1)
         y_attn = torch.bmm(scores.softmax(-1), self.values_bh).view(b, d)
 
         o = y_attn * _inv_rms(y_attn, eps)
         if self.mem_step is not None:
             c = self.memory.config.chunk_size
-            y_mem = self.mem_step.step(F.silu(conv[:, 4 * d :]), proj[:, cc + d :], step % c)
+            y_mem = self.mem_step.step(F.silu(mem_in), gate_logits, step % c)
             if chunk_ends:
                 idx = torch.tensor(chunk_ends, device=x.device)
                 cs = self.memory.config.conv_size
@@ -255,6 +259,7 @@ class Decoder:
     them back as single-stream `ModelState`s after every token fed so far;
     `keep` drops streams (a finished or cancelled generation)."""
 
+    @torch.no_grad()
     def __init__(self, model: MAGModel, states: Sequence[ModelState], use_memory: bool = True):
         if not states:
             raise ValueError("a decoder needs at least one state")
@@ -272,7 +277,7 @@ class Decoder:
         self.chunk = cfg.memory.chunk_size if use_memory else 0
         self.pending = [int(s.blocks[0].memory.pending) if use_memory else 0 for s in states]
         self.steps = 0
-        weight = model.embed.weight
+        weight = model.embed.weight.detach()
         self.embed = weight
         self.eps = torch.full((1,), cfg.norm_eps, dtype=weight.dtype, device=weight.device)
         self.head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
@@ -283,9 +288,11 @@ class Decoder:
     def batch(self) -> int:
         return len(self.pending)
 
-    @torch.inference_mode()
     def step(self, tokens: Tensor) -> Tensor:
-        """tokens (B,) int64, one per stream -> next-token logits (B, V)."""
+        """tokens (B,) int64, one per stream -> next-token logits (B, V).
+
+        No autograd context is entered (it costs tens of microseconds a token): every
+        tensor the step touches was derived from the weights under no_grad."""
         s = self.steps
         cos, sin = self._rope_at(s)
         ends = []
@@ -307,7 +314,7 @@ class Decoder:
 
     def state(self, stream: int) -> ModelState:
         """One stream's single-stream state after every token fed so far."""
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             blocks = tuple(layer.export(stream, self.steps) for layer in self.layers)
             return ModelState(
                 position=self.positions[stream : stream + 1] + self.steps, blocks=blocks

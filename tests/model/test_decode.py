@@ -53,6 +53,7 @@ def test_decoder_equals_forward_after_any_split(kind: str, split: int) -> None:
     for t in range(split, LENGTH):
         logits = decoder.step(ids[0, t : t + 1])
         torch.testing.assert_close(logits[0], want_logits[0, t], **TOL)
+    assert not logits.requires_grad  # nothing in a step records autograd history
     assert_states_equal(decoder.state(0), want_state, **TOL)
 
 
