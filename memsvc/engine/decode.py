@@ -129,9 +129,10 @@ class DecodeBatch:
         if not self._running:
             return []
         rows = self._running
-        tokens = sample_rows(
+        sampled = sample_rows(
             self._logits, [self.params[i] for i in rows], [self.generators[i] for i in rows]
         )
+        tokens = sampled.tolist()
         released: list[tuple[int, int]] = []
         verdicts = []
         for row, (session, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -144,7 +145,7 @@ class DecodeBatch:
         fed = [row for row, verdict in enumerate(verdicts) if verdict.feed]
         self._select(fed)
         if fed:
-            ids = torch.tensor([tokens[row] for row in fed], device=self._logits.device)
+            ids = sampled if len(fed) == len(tokens) else sampled[fed]
             self._logits = self.decoder.step(ids)
             ended = [i for i, row in enumerate(fed) if verdicts[row].finish_reason is not None]
             for i in ended:  # max_new_tokens: ends after its last token

@@ -71,23 +71,26 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
 
 def sample_rows(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
-) -> list[int]:
-    """One token per row of logits (B, V), row i with params[i] and generators[i]: the
-    same token `sample_next` draws for that row alone. Rows that share their params are
-    masked and filtered as one batch; only the draws are per row (one generator each)."""
+) -> Tensor:
+    """One token per row of logits (B, V) -> ids (B,) int64, row i with params[i] and
+    generators[i]: the token `sample_next` draws for that row alone. Rows that share
+    their params are masked and filtered as one batch; only the draws are per row (one
+    generator each)."""
     first = params[0]
     if any(p != first for p in params):
-        return [
-            int(sample_next(logits[i : i + 1], p, g)[0])
-            for i, (p, g) in enumerate(zip(params, generators, strict=True))
-        ]
+        return torch.cat(
+            [
+                sample_next(logits[i : i + 1], p, g)
+                for i, (p, g) in enumerate(zip(params, generators, strict=True))
+            ]
+        )
     allowed = _allowed(logits, first)
     if first.greedy:
-        return allowed.argmax(dim=-1).tolist()
+        return allowed.argmax(dim=-1)
     probs = _filtered_probs(allowed, first)
-    return [
-        int(torch.multinomial(probs[i : i + 1], 1, generator=g)) for i, g in enumerate(generators)
-    ]
+    return torch.cat(
+        [torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generators)]
+    )
 
 
 def _allowed(logits: Tensor, params: SamplingParams) -> Tensor:

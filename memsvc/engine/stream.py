@@ -243,7 +243,8 @@ class Generation:
         logits, state = engine._forward(prompt[None], state)  # (1, V)
         decoder = Decoder(engine.model, [state], engine.use_memory) if engine.fast_decode else None
         while True:
-            token = int(sample_next(logits, params, generator)[0])
+            sampled = sample_next(logits, params, generator)  # (1,)
+            token = int(sampled[0])
             if decoder is None:
                 verdict = rule.accept(token, lambda state=state: state)
             else:
@@ -254,7 +255,7 @@ class Generation:
                     ids = torch.tensor([[token]], device=engine.device)
                     logits, state = engine._forward(ids, state)
                 else:
-                    logits = decoder.step(torch.tensor([token], device=engine.device))
+                    logits = decoder.step(sampled)
             if verdict.finish_reason is not None:
                 break
         if verdict.state is not None:

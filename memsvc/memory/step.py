@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from memsvc.memory.neural_memory import NeuralMemory
@@ -122,13 +121,13 @@ class MemoryStep:
         b, h, d, dim = self.batch, cfg.heads, cfg.head_dim, cfg.dim
         n = self.n
         parts = p.chunk(p.shape[1] // dim, dim=1)
-        q = F.normalize(parts[0].view(b, h, d), dim=-1)  # (B, H, d)
+        q = _normalize(parts[0].view(b, h, d))  # (B, H, d)
         v = parts[-1].view(b, h, d)
         self.query_before = self.last_query  # the chunk path's state.last_query for this token
         if cfg.lookahead:
             k, self.last_query = self.last_query, q
         else:
-            k = F.normalize(parts[1].view(b, h, d), dim=-1)
+            k = _normalize(parts[1].view(b, h, d))
         g = torch.sigmoid(gate_logits) * self.gate_scale  # (B, 3H): theta, eta, alpha
         if self.mitigation is not None:
             g = torch.addcmul(self.mitigation[1], g, self.mitigation[0])
@@ -226,6 +225,11 @@ class MemoryStep:
             forget_boost=self.forget_boost[one].clone(),
             **{name: value[one].clone() for name, value in self.counters.items()},
         )
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """F.normalize(x, dim=-1) (x / max(||x||, 1e-12)) in three dispatches instead of four."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
 
 
 def _delta_prefix(w0: Tensor, k: Tensor, v: Tensor, gates: Tensor) -> Tensor:
