@@ -5,13 +5,16 @@ unfolds blocks, rebuilds masks and runs the memory's chunk machinery, about six
 milliseconds for one token. The decoder takes the same weights and states and
 keeps per layer:
 
-- one fused projection (attention q, k, v; memory q, (k,) v; memory gates): one GEMM;
+- one fused projection (attention q, k, v and q, k with each head's halves exchanged,
+  RoPE's partner dimensions; memory q, (k,) v; memory gates): one GEMM, the block's
+  RMSNorm weight folded in;
 - the pre-convolution projections of the last L steps in a doubled ring
   (written at s % L and s % L + L, so the window s-L+1 .. s is one strided view),
   and every depthwise convolution (attention q and k, memory) as one weighted sum;
 - the attention ring of W + 1 slots (slot s % (W+1)). Keys are stored rotated by
-  their step s and the query is rotated by its own, so a score sees only the
-  distance, as the window-relative RoPE of attention.py gives it. The persistent
+  their decoder step s and the query by its own (angles in float64, so a long
+  generation loses nothing), so a score sees only the distance, as the
+  window-relative RoPE of attention.py gives it. The persistent
   tokens share the same GEMM: keys are [k_rot, 0] and [0, p_k], the query
   [q_rot, q], so one (1, 2dh) x (2dh, P + W + 1) product scores both;
 - a `MemoryStep` (memsvc.memory.step) for the memory branch.
@@ -47,7 +50,7 @@ class _LayerDecoder:
         cfg = block.config
         d, h, dh, w, k = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.window, cfg.attn_conv_size
         attn = block.attention
-        self.block, self.cfg = block, cfg
+        self.cfg = cfg
         self.memory = block.memory if use_memory else None
         mem_cfg = cfg.memory if self.memory is not None else None
         self.mem_channels = self.memory.channels if self.memory is not None else 0
@@ -63,7 +66,6 @@ class _LayerDecoder:
         # each head): rotating is then x * cos + partner * sin, no roll per step.
         half = dh // 2
         perm = torch.tensor([hd * dh + (j + half) % dh for hd in range(h) for j in range(dh)])
-        self.perm = perm
         parts, bias = [aq, ak, aq[perm], ak[perm]], [torch.zeros(4 * d, dtype=dtype, device=dev)]
         if self.memory is not None:
             parts.append(self.memory.to_qkv.weight)
@@ -211,10 +213,6 @@ class _LayerDecoder:
             x = torch.addmm(x, o, self.out_t, alpha=0.5)
         g, u = torch.mm(x * _inv_rms(x, eps), self.gate_up_t).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(g) * u, self.down_t)
-
-    @property
-    def _chunk(self) -> int:
-        return self.memory.config.chunk_size
 
     def keep(self, streams: list[int]) -> None:
         idx = torch.tensor(streams, device=self.history.device)
