@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import grpc
+
 from memsvc.client.connection import Connection
+from memsvc.client.errors import from_rpc_error
 from memsvc.client.retry import RetryPolicy
-from memsvc.client.sync import call_unary
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 
@@ -59,8 +62,17 @@ class AdminClient:
         return list(self._call(self.stub.ListEvents, request, idempotent=True).events)
 
     def _call(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
-        retry = self.retry if idempotent else None
-        return call_unary(method, request, self.connection.metadata, self.timeout, retry)
+        """One call to this node (no failover: admin calls are about one node), repeated
+        per `retry` on UNAVAILABLE if idempotent; typed errors."""
+        delays = self.retry.delays() if idempotent else iter(())
+        while True:
+            try:
+                return method(request, metadata=self.connection.metadata, timeout=self.timeout)
+            except grpc.RpcError as error:
+                delay = next(delays, None) if RetryPolicy.retryable(error) else None
+                if delay is None:
+                    raise from_rpc_error(error) from None
+                time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from memsvc.wire import AUTHORIZATION_METADATA, BEARER_PREFIX
+
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 
 
@@ -25,7 +27,7 @@ class Connection:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),)
+        return ((AUTHORIZATION_METADATA, f"{BEARER_PREFIX}{self.api_key}"),)
 
     @property
     def credentials(self) -> grpc.ChannelCredentials | None:

@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from memsvc.engine import StreamingEngine
+from memsvc.engine import AppendStats, StreamingEngine
+from memsvc.model.model import ModelState
 from memsvc.model.tokenizer import BOS_ID
-from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard
+from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard, byte_histogram
 from memsvc.train.haystack import HAYSTACKS, VOCABULARIES, filler
 
 ADVERSARIAL = ("adversarial:random", "adversarial:repeat")
@@ -37,6 +38,7 @@ class TrafficSample:
     writes_applied: int
     writes_skipped: int
     surprise_ema: float
+    input_entropy: float | None = None  # bits per byte over the guard's window, once full
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ class TrafficRun:
         return asdict(self)
 
 
-def stream_bytes(stream: str, seed: int) -> Iterator[bytes]:
-    """The bytes of a stream, forever: held-out haystack text or an adversarial pattern."""
+def stream_bytes(stream: str, seed: int, split: str = "heldout") -> Iterator[bytes]:
+    """The bytes of a stream, forever: haystack text (the held-out sources and vocabulary,
+    or with split "train" the training ones) or an adversarial pattern."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r} (one of {', '.join(STREAMS)})")
     rng = random.Random(f"traffic-{stream}-{seed}")
@@ -65,7 +68,7 @@ def stream_bytes(stream: str, seed: int) -> Iterator[bytes]:
         while True:
             yield byte * 4096
     else:
-        for unit in filler(rng, stream, VOCABULARIES["heldout"], distractor_rate=0.1, digits=7):
+        for unit in filler(rng, stream, VOCABULARIES[split], distractor_rate=0.1, digits=7):
             yield unit.encode()
 
 
@@ -77,45 +80,75 @@ def run_stream(
     *,
     piece: int = 1024,
     seed: int = 0,
+    split: str = "heldout",
 ) -> TrafficRun:
     """Append `tokens` tokens of `stream` in pieces of `piece`, sampling after each."""
-    state = engine.init_state()
-    state, stats = engine.append(state, [BOS_ID])
-    fresh = stats.memory_norm
-    watcher = SessionGuard(guard)
+    state, stats = engine.append(engine.init_state(), [BOS_ID])
+    source = stream_bytes(stream, seed, split)
+    _, samples, mitigations, seconds = stream_guarded(
+        engine, state, source, tokens - 1, guard, piece=piece
+    )
+    return TrafficRun(
+        stream, samples[-1].position, seconds, stats.memory_norm, samples, mitigations
+    )
+
+
+def stream_guarded(
+    engine: StreamingEngine,
+    state: ModelState,
+    source: Iterator[bytes],
+    tokens: int,
+    guard: GuardConfig | None,
+    *,
+    piece: int = 1024,
+) -> tuple[ModelState, tuple[TrafficSample, ...], tuple[dict, ...], float]:
+    """Append `tokens` bytes of `source` to `state` in pieces, a `SessionGuard` watching as
+    the server's does (from one window into the stream) and its mitigations applied;
+    `guard` None: unguarded. Returns the state, the samples, the mitigations and the
+    seconds spent appending."""
+    watcher = None if guard is None else SessionGuard(guard)
     samples: list[TrafficSample] = []
     mitigations: list[dict] = []
     pending = bytearray()
-    source = stream_bytes(stream, seed)
-    position, seconds = 1, 0.0
-    while position < tokens:
+    position = int(state.position.reshape(-1)[0])
+    seconds, end = 0.0, position + tokens
+    while position < end:
         while len(pending) < piece:
             pending += next(source)
-        n = min(piece, tokens - position)
+        n = min(piece, end - position)
         ids = torch.tensor(list(pending[:n]), dtype=torch.int64)
         del pending[:n]
         began = time.perf_counter()
         state, stats = engine.append(state, ids)
         seconds += time.perf_counter() - began
         position = stats.position
-        sample = TrafficSample(
-            position,
-            stats.memory_norm,
-            stats.writes_applied,
-            stats.writes_skipped,
-            stats.surprise_ema,
-        )
-        samples.append(sample)
-        if position < guard.window_tokens:  # the server's guards start after one window
+        if watcher is None:
+            samples.append(_sample(position, stats, None))
             continue
-        check = watcher.observe(
-            GuardSample(position, sample.writes_applied, sample.writes_skipped, sample.memory_norm)
-        )
-        if check.mitigation is not None:
-            m = check.mitigation
+        check = watcher.observe_input(position, byte_histogram(ids.tolist()))
+        mitigation = check.mitigation
+        if position >= watcher.config.window_tokens:  # as the server's guards: after a window
+            sample = GuardSample(
+                position, stats.writes_applied, stats.writes_skipped, stats.memory_norm
+            )
+            mitigation = mitigation or watcher.observe(sample).mitigation
+        samples.append(_sample(position, stats, check.input_entropy))
+        if mitigation is not None:
+            m = mitigation
             mitigations.append({"kind": m.kind, "position": m.position, **dict(m.evidence)})
             state = state.with_mitigation(m.step_scale, m.forget_boost)
-    return TrafficRun(stream, position, seconds, fresh, tuple(samples), tuple(mitigations))
+    return state, tuple(samples), tuple(mitigations), seconds
+
+
+def _sample(position: int, stats: AppendStats, entropy: float | None) -> TrafficSample:
+    return TrafficSample(
+        position,
+        stats.memory_norm,
+        stats.writes_applied,
+        stats.writes_skipped,
+        stats.surprise_ema,
+        entropy,
+    )
 
 
 def window_growths(run: TrafficRun, window: int) -> list[float]:
@@ -156,6 +189,9 @@ def summarize_run(run: TrafficRun, window: int) -> dict:
         "norm_ratio": percentiles(ratios),
         "norm_growth_per_window": percentiles(window_growths(run, window)),
         "surprise_ema": percentiles([s.surprise_ema for s in after]),
+        "input_entropy": percentiles(
+            [s.input_entropy for s in after if s.input_entropy is not None], (0, 1, 50, 99, 100)
+        ),
         "updates_per_1k": 1000 * applied / max(1, last.position - first.position),
         "write_share": applied / max(1, applied + skipped),
         "mitigations": list(run.mitigations),

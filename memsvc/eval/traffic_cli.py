@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from memsvc.engine import StreamingEngine
+from memsvc.eval.calibration import calibrate
+from memsvc.eval.mitigation import recall_through
 from memsvc.eval.niah import parse_length
 from memsvc.eval.options import add_model_options, load_eval_model
 from memsvc.eval.traffic import STREAMS, run_stream, summarize_run
 from memsvc.model.io import model_hash
-from memsvc.obs.guard import GuardConfig
+from memsvc.obs.thresholds import (
+    CALIBRATION_FILE,
+    NORM_BOUND_FACTOR,
+    default_guard_config,
+    read_calibration,
+)
 
 DEFAULT_STREAMS = (
     "sentences",
@@ -61,17 +69,39 @@ def add_traffic_parser(evals: argparse._SubParsersAction) -> None:
     traffic.add_argument(
         "--norm-bound-factor",
         type=float,
-        default=8.0,
-        help="the guards' saturation bound in fresh-memory norms (8)",
+        help="the guards' saturation bound in fresh-memory norms (default: the model's "
+        f"{CALIBRATION_FILE}, else {NORM_BOUND_FACTOR:g})",
     )
     traffic.add_argument(
         "--max-norm-growth",
         type=float,
-        default=2.0,
-        help="the guards' explosion threshold: norm ratio per window (2)",
+        help="the guards' explosion threshold, norm ratio per window (default: the "
+        f"model's {CALIBRATION_FILE}, else 2)",
+    )
+    traffic.add_argument(
+        "--split",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="text sources and vocabulary: held-out (to verify) or training (to calibrate)",
+    )
+    traffic.add_argument(
+        "--calibrate",
+        type=Path,
+        help=f"write guard thresholds measured on these streams here (a model's "
+        f"{CALIBRATION_FILE}; use --split train)",
     )
     traffic.add_argument(
         "--window-tokens", type=int, default=4096, help="the guards' window (4096)"
+    )
+    traffic.add_argument(
+        "--recall-probes",
+        type=int,
+        default=0,
+        help="per stream, this many passkeys streamed before --recall-tokens of it and "
+        "asked after, guarded and unguarded: does a mitigation keep what was written?",
+    )
+    traffic.add_argument(
+        "--recall-tokens", type=parse_length, default="16k", help="see --recall-probes"
     )
     traffic.add_argument("--seed", type=int, default=0)
     traffic.add_argument("--out", type=Path, help="write the JSON report (every sample) here")
@@ -85,16 +115,20 @@ def run_traffic(args: argparse.Namespace) -> int:
         return 2
     model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
-    fresh = engine.append(engine.init_state(), [])[1].memory_norm
-    guard = GuardConfig(
-        norm_bound=args.norm_bound_factor * fresh,
-        window_tokens=args.window_tokens,
-        max_norm_growth=args.max_norm_growth,
-    )
+    overrides = {"window_tokens": args.window_tokens}
+    if args.max_norm_growth is not None:
+        overrides["max_norm_growth"] = args.max_norm_growth
+    calibration = read_calibration(args.model)
+    if args.norm_bound_factor is not None:
+        calibration["norm_bound_factor"] = args.norm_bound_factor
+    guard = default_guard_config(engine, calibration, **overrides)
     runs, summaries = [], []
     for stream in args.streams:
         try:
-            run = run_stream(engine, stream, args.tokens, guard, piece=args.piece, seed=args.seed)
+            run = run_stream(
+                engine, stream, args.tokens, guard, piece=args.piece, seed=args.seed,
+                split=args.split,
+            )  # fmt: skip
         except FileNotFoundError as error:
             print(f"memsvc eval traffic: {error}", file=sys.stderr)
             return 2
@@ -109,21 +143,36 @@ def run_traffic(args: argparse.Namespace) -> int:
             f"(first at {s['first_mitigation_at']})",
             flush=True,
         )
+    recall = []
+    for stream in args.streams if args.recall_probes > 0 else ():
+        seeds = range(args.seed, args.seed + args.recall_probes)
+        through = recall_through(engine, stream, args.recall_tokens, guard, seeds)
+        recall.append(asdict(through))
+        print(
+            f"{stream:20} passkey after {args.recall_tokens} tokens: guarded "
+            f"{through.guarded:.0%}, unguarded {through.unguarded:.0%} "
+            f"({through.mitigations:.1f} mitigations per probe)",
+            flush=True,
+        )
     report = {
         "model": args.model,
         "model_hash": model_hash(model),
         "memory_set": dict(args.memory_set),
-        "guard": {"norm_bound_factor": args.norm_bound_factor,
-                  "max_norm_growth": args.max_norm_growth,
-                  "window_tokens": args.window_tokens},
+        "guard": asdict(guard),
+        "split": args.split,
         "piece": args.piece,
         "summaries": summaries,
+        "recall_through": recall,
     }  # fmt: skip
     if args.out:
         full = {**report, "runs": [r.to_dict() for r in runs]}
         args.out.write_text(json.dumps(full) + "\n")
     if args.plot:
         _plot(runs, args.plot)
+    if args.calibrate:
+        thresholds = calibrate(summaries, guard.saturation_fraction)
+        args.calibrate.write_text(json.dumps(thresholds, indent=1) + "\n")
+        print(f"guard thresholds written to {args.calibrate}: {thresholds}", flush=True)
     print(json.dumps(report["summaries"], indent=1))
     return 0
 

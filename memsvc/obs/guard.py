@@ -12,6 +12,11 @@ the newest sample and s0 the newest one at or before s.position - window_tokens,
     updates_per_1k = 1000 * (s.writes_applied - s0.writes_applied) / (s.position - s0.position)
     norm_growth    = s.memory_norm / max(s0.memory_norm, 1e-12)
 
+and, from `observe_input` (every append's bytes, from the first one),
+
+    input_entropy  = entropy (bits per byte) of the latest appends' bytes, at least
+                     input_window_tokens of them
+
 Decisions are taken once the window is full and starts at or after the last
 change of the knobs (so a window never mixes the stream before and after a
 mitigation: the cool-down is one window). At most one trigger per decision,
@@ -22,6 +27,12 @@ in this order:
     recovery          the knobs are off neutral and nothing triggered for recovery_tokens
                       since the last change
 
+and, from `observe_input`, at any append once its window is full:
+
+    anomalous_input   input_entropy > max_input_entropy (noise: random or compressed bytes)
+                      or input_entropy < min_input_entropy (one or two bytes, repeated);
+                      at the step floor already, at most once per window_tokens
+
 and, from `observe_recall` (the recall canary's session), between samples:
 
     saturation        recall < best recall seen by this guard - recall_drop
@@ -29,6 +40,8 @@ and, from `observe_recall` (the recall canary's session), between samples:
 Each trigger moves the knobs one step from where they are:
 
     update_explosion  step_scale   <- max(min_step_scale, step_scale * step_decay)
+    anomalous_input   step_scale   <- min(step_scale, min_step_scale), at once: noise must
+                                      not overwrite what the memory holds
     saturation        forget_boost <- min(max_forget_boost,
                                       max(forget_boost_base, 2 * forget_boost))
     recovery          step_scale   <- min(1, step_scale / step_decay)
@@ -46,12 +59,13 @@ untouched memory in about ln(2) / b tokens.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-MitigationKind = Literal["update_explosion", "saturation", "recovery"]
+MitigationKind = Literal["update_explosion", "anomalous_input", "saturation", "recovery"]
 
 _TINY_NORM = 1e-12
 _SNAP = 1e-9  # relaxing by division lands a rounding error away from 1
@@ -74,6 +88,13 @@ class GuardConfig:
     forget_boost_base: float = 1e-4  # the seed's lambda_0: the first raise of forgetting
     max_forget_boost: float = 1e-3  # half-life of about 700 tokens: the strongest forgetting
     recovery_tokens: int = 65_536  # calm tokens before relaxing one step
+    # Bits per byte of a window's input that no text reaches (docs/GUARDS.md: held-out real
+    # text of every kind spans 4.1-6.6, base64 is 6.0, uniform random bytes 7.95).
+    max_input_entropy: float = 7.5
+    min_input_entropy: float = 1.0  # below any text (4.1); one repeated byte is 0
+    # The input window is short: 1k tokens of noise already cost the reference model a
+    # third of its passkey recall, 4k nearly all of it (docs/GUARDS.md).
+    input_window_tokens: int = 512
 
     def __post_init__(self) -> None:
         _require(self.norm_bound > 0, "norm_bound must be positive")
@@ -89,6 +110,11 @@ class GuardConfig:
             "need 0 < forget_boost_base <= max_forget_boost < 1",
         )
         _require(self.recovery_tokens >= self.window_tokens, "recovery_tokens must be >= window")
+        _require(self.input_window_tokens >= 1, "input_window_tokens must be >= 1")
+        _require(
+            0 <= self.min_input_entropy < self.max_input_entropy,
+            "need 0 <= min_input_entropy < max_input_entropy",
+        )
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,29 @@ class GuardSample:
     writes_applied: int
     writes_skipped: int
     memory_norm: float
+
+
+def byte_histogram(tokens: Sequence[int]) -> list[int]:
+    """How often each byte value 0-255 occurs among `tokens` (special ids above 255 aside)."""
+    counts = [0] * 256
+    for token in tokens:
+        if 0 <= token < 256:
+            counts[token] += 1
+    return counts
+
+
+def entropy_bits(counts: Sequence[int]) -> float | None:
+    """Entropy in bits per byte of a histogram, Miller-Madow corrected (None when empty).
+
+    The plain estimate falls short on few bytes (uniform noise reads 7.2 bits over 256
+    bytes, 7.95 over 4096); adding (K - 1) / (2 N ln 2) for K distinct values in N
+    bytes removes most of that bias, so one band serves short and long windows."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    plain = -sum(c / total * math.log2(c / total) for c in counts if c)
+    distinct = sum(1 for c in counts if c)
+    return max(0.0, plain + (distinct - 1) / (2 * total * math.log(2)))
 
 
 @dataclass(frozen=True)
@@ -122,6 +171,15 @@ class GuardCheck:
     mitigation: Mitigation | None
 
 
+@dataclass(frozen=True)
+class InputCheck:
+    """What one append's bytes told the guard: the entropy of the input window (None until
+    it holds input_window_tokens bytes) and a mitigation, if any."""
+
+    input_entropy: float | None
+    mitigation: Mitigation | None
+
+
 class SessionGuard:
     """The guard of one session. Start it with the session's current knobs (a restored
     session keeps the ones its state was saved with, even from a config with other bounds)."""
@@ -138,6 +196,7 @@ class SessionGuard:
         self._samples: deque[GuardSample] = deque()
         self._since: int | None = None  # position of the last change (or of the first sample)
         self._best_recall: float | None = None
+        self._input = _ByteWindow(config.input_window_tokens)
 
     def observe(self, sample: GuardSample) -> GuardCheck:
         """Take one append's sample; returns the window's rates and any mitigation."""
@@ -159,6 +218,28 @@ class SessionGuard:
         growth = sample.memory_norm / max(start.memory_norm, _TINY_NORM)
         mitigation = self._decide(sample, rate, growth, since) if start.position >= since else None
         return GuardCheck(rate, growth, mitigation)
+
+    def observe_input(self, position: int, histogram: Sequence[int]) -> InputCheck:
+        """Take the byte histogram of one append ending at `position` (every append, from
+        the first: input needs no warm-up); returns the entropy of the last
+        input_window_tokens bytes or more (None until there are that many) and any
+        mitigation."""
+        window = self._input
+        window.add(histogram)
+        entropy = window.entropy()
+        if entropy is None:
+            return InputCheck(None, None)
+        cfg = self.config
+        if cfg.min_input_entropy <= entropy <= cfg.max_input_entropy:
+            return InputCheck(entropy, None)
+        since = position if self._since is None else self._since
+        if self.step_scale <= cfg.min_step_scale and position - since < cfg.window_tokens:
+            return InputCheck(entropy, None)  # at the floor: one event per window
+        step = min(self.step_scale, cfg.min_step_scale)
+        evidence = {"input_entropy": entropy}
+        return InputCheck(
+            entropy, self._change("anomalous_input", position, evidence, step_scale=step)
+        )
 
     def observe_recall(self, position: int, recall: float) -> Mitigation | None:
         """Take a recall@k measured on this session (the recall canary's); a fall of more
@@ -221,6 +302,36 @@ class SessionGuard:
             self.forget_boost = forget_boost
         self._since = position
         return Mitigation(kind, self.step_scale, self.forget_boost, position, evidence)
+
+
+class _ByteWindow:
+    """The summed byte histograms of the latest appends that hold at least `tokens`
+    bytes (the oldest dropped while the rest still do)."""
+
+    def __init__(self, tokens: int) -> None:
+        self._tokens = tokens
+        self._appends: deque[tuple[int, Sequence[int]]] = deque()
+        self._counts = [0] * 256
+        self._total = 0
+
+    def add(self, histogram: Sequence[int]) -> None:
+        size = sum(histogram)
+        self._appends.append((size, histogram))
+        self._shift(histogram, 1)
+        self._total += size
+        while self._total - self._appends[0][0] >= self._tokens:
+            old_size, old = self._appends.popleft()
+            self._shift(old, -1)
+            self._total -= old_size
+
+    def _shift(self, histogram: Sequence[int], sign: int) -> None:
+        counts = self._counts
+        for value, count in enumerate(histogram):
+            if count:
+                counts[value] += sign * count
+
+    def entropy(self) -> float | None:
+        return entropy_bits(self._counts) if self._total >= self._tokens else None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -31,13 +31,14 @@ from grpc_reflection.v1alpha import reflection
 
 from memsvc.obs.guard import GuardConfig
 from memsvc.obs.metrics import ServiceMetrics, start_metrics_server
+from memsvc.obs.thresholds import default_guard_config
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server.admin import AdminServicer
 from memsvc.server.auth import Authenticator
 from memsvc.server.canary import ServiceCanary
 from memsvc.server.decoding import DecodingInterceptor
-from memsvc.server.guards import StreamGuards, default_guard_config
+from memsvc.server.guards import StreamGuards
 from memsvc.server.limits import Limits
 from memsvc.server.rpc_metrics import RpcMetricsInterceptor
 from memsvc.server.scheduler import Scheduler

@@ -98,7 +98,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--guard-norm-bound",
         type=float,
         default=None,
-        help="memory norm the guards call saturated (8x a fresh memory's norm)",
+        help="memory norm the guards call saturated (default: the model's guards.json "
+        "calibration, else 8x a fresh memory's norm)",
     )
     serve.set_defaults(func=run_serve)
 
@@ -127,10 +128,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from memsvc.obs.metrics import ServiceMetrics
+    from memsvc.obs.thresholds import default_guard_config, read_calibration
     from memsvc.runtime import tune_allocator
     from memsvc.server.app import MemoryServer, ServerConfig
     from memsvc.server.backends import SetupError, load_engine, open_database, open_tracker
-    from memsvc.server.guards import default_guard_config
     from memsvc.sessions.manager import ManagerConfig, SessionManager
 
     if args.threads:
@@ -157,7 +158,9 @@ def run_serve(args: argparse.Namespace) -> int:
             "norm_bound": args.guard_norm_bound,
         }
         guard_config = default_guard_config(
-            engine, **{name: value for name, value in overrides.items() if value is not None}
+            engine,
+            read_calibration(args.model),
+            **{name: value for name, value in overrides.items() if value is not None},
         )
         database = open_database(args.data_dir, args.database_url)
         tracker = open_tracker(args.redis_url, args.redis_namespace)

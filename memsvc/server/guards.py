@@ -10,7 +10,9 @@ durable, records the MITIGATION event and logs it) and counted in
 A session's guard starts once its stream is one guard window long: a fresh
 memory grows several-fold while it first fills (the reference model's from 7
 to about 21 within 1k tokens of text, then it stays there), which is warm-up,
-not an explosion. The first append a process sees of a session that streamed
+not an explosion. The guard also sees each append's bytes (their histogram), so
+input that no text resembles (random or repeated bytes) is noticed whatever the
+model. The first append a process sees of a session that streamed
 before counts its tokens and chunks but not its writes (the totals before it
 are unknown here).
 
@@ -20,14 +22,13 @@ so the per-session books need no lock; the admin API only reads a float.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
-from memsvc.engine import StreamingEngine
-from memsvc.obs.guard import GuardConfig, GuardSample, Mitigation, SessionGuard
+from memsvc.obs.guard import GuardConfig, GuardSample, Mitigation, SessionGuard, byte_histogram
 from memsvc.obs.metrics import ServiceMetrics
 from memsvc.sessions.api import AppendResult
 
@@ -35,28 +36,6 @@ if TYPE_CHECKING:
     from memsvc.sessions.manager import SessionManager
 
 log = structlog.get_logger(__name__)
-
-# The saturation bound is this many times a fresh session's memory norm. The reference
-# model's memory settles at about 3x its fresh norm on text (16k tokens measured), so
-# saturation (at 0.9 of the bound) fires only well above where a healthy session sits.
-NORM_BOUND_FACTOR = 8.0
-
-
-def fresh_memory_norm(engine: StreamingEngine) -> float:
-    """The memory norm of a fresh session, measured the one way `AppendStats` measures it
-    (0 for a model without memory)."""
-    return engine.append(engine.init_state(), [])[1].memory_norm
-
-
-def default_guard_config(engine: StreamingEngine, **overrides: float) -> GuardConfig:
-    """The guards' thresholds for the served model: `norm_bound` NORM_BOUND_FACTOR times a
-    fresh memory's norm; `overrides` replace any field (norm_bound included).
-
-    A model whose fresh memory is all zeros (an untrained one) gives no scale: its bound
-    is infinite, so only an explicit norm_bound makes the guards call it saturated (the
-    update-explosion trigger is relative and works regardless)."""
-    bound = NORM_BOUND_FACTOR * fresh_memory_norm(engine)
-    return GuardConfig(**{"norm_bound": bound if bound > 0 else math.inf, **overrides})
 
 
 @dataclass
@@ -85,20 +64,28 @@ class StreamGuards:
         self._sessions: dict[str, _Watched] = {}
         metrics.set_norm_bound(config.norm_bound)
 
-    def observe(self, tenant_id: str, result: AppendResult, seconds: float) -> None:
-        """One acknowledged append, `seconds` after it was received."""
+    def observe(
+        self,
+        tenant_id: str,
+        result: AppendResult,
+        seconds: float,
+        tokens: Sequence[int] | None = None,
+    ) -> None:
+        """One acknowledged append of `tokens`, `seconds` after it was received."""
         watched = self._watch(result.session_id, result.step_scale, result.forget_boost)
         last = watched.last  # a generation since then adds its writes to this append's
         started = result.position - result.appended
+        mitigation = None  # the input is checked first: a change there restarts the window
+        if tokens is not None:
+            histogram = byte_histogram(tokens)
+            mitigation = watched.guard.observe_input(result.position, histogram).mitigation
         if result.position >= self.config.window_tokens:
             sample = GuardSample(
                 result.position, result.writes_applied, result.writes_skipped, result.memory_norm
             )
             check = watched.guard.observe(sample)
             watched.updates_per_1k_tokens = check.updates_per_1k_tokens
-            mitigation = check.mitigation
-        else:
-            mitigation = None
+            mitigation = mitigation or check.mitigation
         fresh = started == 0  # its totals before this append were all zero
         self._metrics.observe_append(
             tokens=result.appended,

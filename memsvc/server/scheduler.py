@@ -196,7 +196,7 @@ class Scheduler:
         if self._guards is not None:
             durable = time.monotonic()
             acknowledged = [
-                (item.tenant_id, result, durable - item.received)
+                (item.tenant_id, result, durable - item.received, item.tokens)
                 for item, result in zip(batch, results, strict=True)
                 if isinstance(result, AppendResult)
             ]
@@ -204,10 +204,10 @@ class Scheduler:
                 self.call_soon(self._observe, acknowledged)
         return list(zip(batch, results, strict=True))
 
-    def _observe(self, acknowledged: list[tuple[str, AppendResult, float]]) -> None:
+    def _observe(self, acknowledged: list[tuple[str, AppendResult, float, Sequence[int]]]) -> None:
         assert self._guards is not None
-        for tenant_id, result, seconds in acknowledged:
-            self._guards.observe(tenant_id, result, seconds)
+        for tenant_id, result, seconds, tokens in acknowledged:
+            self._guards.observe(tenant_id, result, seconds, tokens)
 
 
 def _logging_errors(fn: Callable[..., object], *args: object) -> None:

@@ -28,14 +28,9 @@ from memsvc.sessions.api import (
     SessionMovedError,
 )
 from memsvc.store.errors import NotFoundError
+from memsvc.wire import OWNER_METADATA, POSITION_METADATA
 
 log = structlog.get_logger(__name__)
-
-# Trailing metadata of a call refused because another replica serves the session: that
-# replica's address. Nothing was done; the SDK sends the call there.
-OWNER_METADATA = "memsvc-owner"
-# Trailing metadata of an append refused for its expected position: the session's position.
-POSITION_METADATA = "memsvc-position"
 
 
 class UnauthenticatedError(Exception):

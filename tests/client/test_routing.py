@@ -1,21 +1,21 @@
-"""How the SDK picks replicas and reacts to each kind of failure (routing.py's decisions;
-tests/server/test_cluster.py runs them against real replicas)."""
+"""How the SDK picks replicas and reacts to each kind of failure (the decisions of
+core/routing.py and core/failover.py; tests/server/test_cluster.py runs them against
+real replicas)."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from memsvc.client.retry import RetryPolicy
-from memsvc.client.routing import (
+from memsvc.client.core.failover import MAX_HOPS, Failover
+from memsvc.client.core.routing import (
     DOWN_FOR_S,
-    MAX_HOPS,
-    Failover,
     Replicas,
     owner_hint,
     parse_addresses,
     position_hint,
 )
+from memsvc.client.retry import RetryPolicy
 
 Code = grpc.StatusCode
 

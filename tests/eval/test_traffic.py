@@ -57,3 +57,16 @@ def test_cli_writes_a_report(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert [s["stream"] for s in report["summaries"]] == ["real:logs", "adversarial:repeat"]
     assert len(report["runs"][0]["samples"]) == 6
+
+
+def test_recall_through_runs_both_arms_and_only_noise_is_mitigated() -> None:
+    from memsvc.eval.mitigation import recall_through
+
+    engine = StreamingEngine(tiny_model(), max_segment=64)
+    guard = GuardConfig(norm_bound=math.inf, window_tokens=256, max_norm_growth=1e9)
+    noise = recall_through(engine, "adversarial:random", 1024, guard, range(2), length=512)
+    assert noise.probes == 2 and noise.mitigations >= 1
+    assert 0.0 <= noise.guarded <= 1.0 and 0.0 <= noise.unguarded <= 1.0
+    text = recall_through(engine, "sentences", 1024, guard, range(2), length=512)
+    assert text.mitigations == 0
+    assert text.guarded == text.unguarded  # nothing fired: the same bytes, the same state

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
-from memsvc.obs.guard import GuardCheck, GuardConfig, GuardSample, Mitigation, SessionGuard
+from memsvc.obs.guard import (
+    GuardCheck,
+    GuardConfig,
+    GuardSample,
+    InputCheck,
+    Mitigation,
+    SessionGuard,
+    byte_histogram,
+    entropy_bits,
+)
 
 CONFIG = GuardConfig(norm_bound=1000.0, window_tokens=1000, recovery_tokens=4000)
 PIECE = 100  # tokens per append
@@ -195,3 +206,71 @@ def test_triggers_never_loosen_knobs_restored_from_wider_bounds():
     assert guard.observe_recall(0, 1.0) is None
     saturation = guard.observe_recall(1, 0.0)
     assert saturation is not None and saturation.forget_boost == 5e-3
+
+
+# ---- the input-entropy band ---------------------------------------------------------------
+
+
+def feed(guard: SessionGuard, pieces: list[bytes], start: int = 0) -> list[InputCheck]:
+    """Appends `pieces` (each its own append); the guard's input checks."""
+    checks, position = [], start
+    for piece in pieces:
+        position += len(piece)
+        checks.append(guard.observe_input(position, byte_histogram(piece)))
+    return checks
+
+
+def test_input_entropy_equals_the_entropy_of_the_latest_bytes_on_random_appends():
+    rng = random.Random(7)
+    config = replace(CONFIG, min_input_entropy=0.0, max_input_entropy=8.0)
+    pieces = [
+        bytes(rng.choice(b"abcdefgh" if rng.random() < 0.5 else range(256)) for _ in range(n))
+        for n in (rng.randrange(1, 300) for _ in range(60))
+    ]
+    checks = feed(SessionGuard(config), pieces)
+    for i, check in enumerate(checks):
+        # The reference: the fewest latest appends holding input_window_tokens bytes.
+        held = [j for j in range(i + 1) if sum(map(len, pieces[j : i + 1])) >= 512]
+        if not held:
+            assert check.input_entropy is None
+            continue
+        window = b"".join(pieces[held[-1] : i + 1])
+        assert check.input_entropy == pytest.approx(entropy_bits(byte_histogram(window)))
+
+
+def test_text_is_left_alone_and_noise_or_one_repeated_byte_goes_to_the_step_floor():
+    text = ("The pass key is 71432. Remember it. 日本語のテキストも。\n" * 40).encode()
+    calm = feed(SessionGuard(CONFIG), [text[i : i + 100] for i in range(0, 3000, 100)])
+    assert all(c.mitigation is None for c in calm)
+    assert 3.0 < calm[-1].input_entropy < 6.0
+
+    noise = random.Random(1).randbytes(3000)
+    checks = feed(SessionGuard(CONFIG), [noise[i : i + 100] for i in range(0, 3000, 100)])
+    fired = [c.mitigation for c in checks if c.mitigation is not None]
+    assert [(m.kind, m.position, m.step_scale) for m in fired] == [
+        ("anomalous_input", 600, CONFIG.min_step_scale),  # the first full input window
+        ("anomalous_input", 1600, CONFIG.min_step_scale),  # at the floor: once per window
+        ("anomalous_input", 2600, CONFIG.min_step_scale),
+    ]
+    assert fired[0].evidence["input_entropy"] > CONFIG.max_input_entropy
+
+    repeated = feed(SessionGuard(CONFIG), [b"z" * 100] * 7)
+    (m,) = [c.mitigation for c in repeated if c.mitigation is not None]
+    assert m.kind == "anomalous_input" and m.evidence["input_entropy"] == 0.0
+
+
+def test_noise_keeps_the_floor_against_recovery_and_text_afterwards_recovers():
+    guard = SessionGuard(CONFIG)
+    noise = random.Random(2).randbytes(10_000)
+    feed(guard, [noise[i : i + 100] for i in range(0, 10_000, 100)])
+    assert guard.step_scale == CONFIG.min_step_scale
+    text = ("Shipping notes: the parser moved to Friday, the review to Monday. " * 200).encode()
+    session = Session(guard)
+    session.position = 10_000
+    relaxed = []
+    for i in range(0, 12_000, 100):
+        guard.observe_input(session.position + 100, byte_histogram(text[i : i + 100]))
+        check = session.append(norm=100.0)
+        if check.mitigation is not None:
+            relaxed.append(check.mitigation.kind)
+    assert relaxed and set(relaxed) == {"recovery"}

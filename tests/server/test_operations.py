@@ -46,7 +46,10 @@ HOSTILE_MEMORY = MemoryConfig(
     dim=32, heads=1, depth=2, chunk_size=16, update_rule="chunk", max_step=5.0,
     max_update_norm=None,
 )  # fmt: skip
-HOSTILE_GUARD = GuardConfig(norm_bound=1e12, window_tokens=64, recovery_tokens=1 << 20)
+# The input band is off (no entropy reaches 16 bits): this stream is about the norm.
+HOSTILE_GUARD = GuardConfig(
+    norm_bound=1e12, window_tokens=64, recovery_tokens=1 << 20, max_input_entropy=16.0
+)
 
 
 def server_config(**more: object) -> ServerConfig:

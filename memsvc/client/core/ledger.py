@@ -1,4 +1,5 @@
-"""What a resumable append stream has sent and not yet had acknowledged, by stream position.
+"""Position bookkeeping for resuming: what an append stream has sent and not yet had
+acknowledged, by stream position.
 
 Both SDKs' `append_stream` keep one: when a replica fails mid-stream and the
 stream is opened again on the session's next owner, the position that owner
@@ -13,8 +14,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+from memsvc.client.core.calls import conditional, token_ids
 from memsvc.client.errors import FailedPreconditionError
-from memsvc.client.routing import token_ids
 from memsvc.proto.v1 import memsvc_pb2 as pb
 
 
@@ -71,8 +72,5 @@ class StreamLedger:
     def request(self, message: pb.Input, start: int | None) -> pb.StreamRequest:
         """The stream request appending ``message``; with ``start``, only if the stream is there."""
         if start is not None:
-            conditional = pb.Input()
-            conditional.CopyFrom(message)
-            conditional.expected_position = start
-            message = conditional
+            message = conditional(message, start)
         return pb.StreamRequest(request_id=next(self._request_ids), append=message)

@@ -21,12 +21,8 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from memsvc.client.errors import FailedPreconditionError
-from memsvc.client.retry import RetryPolicy
-from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.wire import OWNER_METADATA, POSITION_METADATA
 
-OWNER_METADATA = "memsvc-owner"
-POSITION_METADATA = "memsvc-position"
 # How long an unreachable replica is skipped before it is tried again.
 DOWN_FOR_S = 2.0
 
@@ -133,97 +129,3 @@ class Replicas(Generic[T]):
     def connections(self) -> list[T]:
         with self._lock:
             return list(self._connections.values())
-
-
-# Redirects followed by one call before it backs off like a failure.
-MAX_HOPS = 4
-
-
-def not_sent(error: grpc.RpcError) -> bool:
-    """Whether the call surely never reached a server (no connection could be made)."""
-    details = (error.details() or "").lower()  # type: ignore[attr-defined]
-    return error.code() == grpc.StatusCode.UNAVAILABLE and (  # type: ignore[attr-defined]
-        "failed to connect" in details or "connection refused" in details
-    )
-
-
-class Failover:
-    """One call's way through the replicas: after each failure, wait how long, or give up.
-
-    ``resendable``: the call may be repeated when its outcome is unknown (it is
-    idempotent, or the caller has a conditional form of it); a call that
-    never reached a server (no connection) is always safe to repeat.
-    Redirects to the owner are followed at once (``MAX_HOPS`` in a row);
-    other failures wait per ``retry`` (RetryPolicy: its attempts and backoff)
-    and end when its attempts or ``budget_s`` run out.
-    """
-
-    def __init__(
-        self,
-        replicas: Replicas,
-        session_id: str | None,
-        *,
-        resendable: bool,
-        retry: RetryPolicy,
-        budget_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.replicas = replicas
-        self.session_id = session_id
-        self.resendable = resendable
-        self._delays = retry.delays()
-        self._clock = clock
-        self._deadline = clock() + budget_s
-        self._hops = 0
-        self.resent = False  # a try came after one whose outcome is unknown
-
-    def after(self, address: str, error: grpc.RpcError) -> float | None:
-        """Seconds to wait before trying again (0: at once), or None: raise ``error``."""
-        if error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-            return None
-        owner = owner_hint(error)
-        if owner is not None and owner != address and self._hops < MAX_HOPS:
-            self._hops += 1
-            self.replicas.moved(self.session_id, owner)
-            return 0.0
-        self.replicas.failed(address)
-        if owner is None and not not_sent(error):
-            if not self.resendable:
-                return None
-            self.resent = True
-        delay = next(self._delays, None)
-        if delay is None or self._clock() + delay > self._deadline:
-            return None
-        self._hops = 0
-        return delay
-
-
-def token_ids(message: pb.Input) -> list[int]:
-    """The ids the server appends for ``message`` (text: its bytes)."""
-    return list(message.token_ids) if message.token_ids else list(message.text)
-
-
-def conditional_append(
-    session_id: str, message: pb.Input, start: int
-) -> tuple[pb.AppendRequest, pb.AppendRequest, Callable[[int], pb.AppendAck]]:
-    """An append, its form to resend when its outcome is unknown (applied only at ``start``),
-    and what a conflict on the resend means: applied already if the stream is exactly
-    past it (an acknowledgement), else FailedPreconditionError (another writer)."""
-    count = len(token_ids(message))
-    conditional = pb.Input()
-    conditional.CopyFrom(message)
-    conditional.expected_position = start
-
-    def applied_before(position: int) -> pb.AppendAck:
-        if position != start + count:
-            raise FailedPreconditionError(
-                f"session {session_id} is at position {position}: the append resent after "
-                f"a failure expected {start} (another writer?)"
-            )
-        return pb.AppendAck(position=position, appended=count)
-
-    return (
-        pb.AppendRequest(session_id=session_id, input=message),
-        pb.AppendRequest(session_id=session_id, input=conditional),
-        applied_before,
-    )
