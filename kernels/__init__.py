@@ -1,5 +1,7 @@
-"""Fast paths for memsvc's hot loops, each beside the plain-PyTorch reference it must match.
+"""The memory's operations, each a folder laid out as flash-linear-attention lays them out:
+a plain reference (`naive.py`), the fast paths beside it, and one dispatch function.
 
-One folder per operation (`kernels/lmm/`: the memory's chunk update), used by
-`memsvc.memory` through one dispatch function per operation.
+`kernels.lmm`: the chunk update of the MLP memory (reference, PyTorch, Triton);
+`kernels.delta_rule`: the exact gated delta rule of a matrix memory. This package
+imports nothing from memsvc (tests/kernels/test_layering.py): memsvc -> kernels.
 """

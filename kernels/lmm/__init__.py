@@ -1,14 +1,15 @@
-"""The memory's chunk update for a batch of memories: a Triton kernel beside its reference.
+"""The memory's chunk update for a batch of memories: one operation, three paths.
 
-`chunk_update` is the one dispatch point (`memsvc.memory` calls it on CUDA):
-the Triton kernel (`triton_chunk.py`) where it applies, the plain-PyTorch
-reference (`reference.py`, memsvc.memory's own chunk_write) everywhere else.
-tests/kernels holds the two equal.
+`naive.py` is the slow, obviously right reference (autograd per token), `chunk.py`
+the PyTorch path (matrix-product form), `triton_chunk.py` one Triton launch for
+all memories. `chunk_update` is the one dispatch point; tests/kernels holds every
+fast path equal to the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 from collections.abc import Sequence
 from types import ModuleType
@@ -17,13 +18,22 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kernels.lmm.reference import chunk_update_reference
-from memsvc.memory.chunk import ChunkWrite
-from memsvc.memory.config import MemoryConfig
+from kernels.lmm.chunk import chunk_update_torch
+from kernels.lmm.naive import chunk_update_naive
+from kernels.lmm.rule import ChunkRule, ChunkWrite
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "naive", "torch", "triton"]
 
-__all__ = ["ChunkWrite", "chunk_update", "chunk_update_reference", "triton_available"]
+__all__ = [
+    "Backend",
+    "ChunkRule",
+    "ChunkWrite",
+    "chunk_update",
+    "chunk_update_naive",
+    "chunk_update_torch",
+    "kernel_applies",
+    "triton_available",
+]
 
 
 def triton_available() -> bool:
@@ -37,18 +47,19 @@ def _kernel_module() -> ModuleType:
     return importlib.import_module("kernels.lmm.triton_chunk")
 
 
-def kernel_applies(config: MemoryConfig, weights: Sequence[Tensor], *inputs: Tensor) -> bool:
-    """The kernel serves this call: CUDA tensors, float32 / bfloat16 weights, the chunk rule,
-    Triton importable, and no autograd through the update (the kernel has no backward)."""
-    if not weights[0].is_cuda or weights[0].dtype not in (torch.float32, torch.bfloat16):
+def kernel_applies(*tensors: Tensor) -> bool:
+    """The kernel serves a call on these tensors (weights first): CUDA, float32 / bfloat16
+    weights, Triton importable, and no autograd through the update (the kernel has no
+    backward). `chunk_update(backend="auto")` decides by it."""
+    if not tensors[0].is_cuda or tensors[0].dtype not in (torch.float32, torch.bfloat16):
         return False
-    if config.update_rule != "chunk" or not triton_available():
+    if not triton_available():
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *inputs)))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def chunk_update(
-    config: MemoryConfig,
+    rule: ChunkRule,
     weights: Sequence[Tensor],
     momentum: Sequence[Tensor],
     k: Tensor,
@@ -61,18 +72,22 @@ def chunk_update(
 ) -> ChunkWrite:
     """One chunk's write (and reads at the chunk-start weights) for N memories at once.
 
-    weights / momentum: per layer (N, in, out), float32 or bfloat16; k, v (N, C, d);
-    gates (N, C, 3) theta, eta, alpha; q (N, R, d); n_valid (N,): memory n writes its
-    first n_valid[n] tokens (None: all C). `backend="auto"` runs the Triton kernel when
-    `kernel_applies`, the reference otherwise; "triton" forces the kernel (on CPU
-    tensors it needs TRITON_INTERPRET=1), "torch" the reference.
+    weights / momentum: per layer (N, in, out), float32 or bfloat16 for the kernel;
+    k, v (N, C, d); gates (N, C, 3) theta, eta, alpha; q (N, R, d); n_valid (N,):
+    memory n writes its first n_valid[n] tokens (None: all C). `backend="auto"` runs
+    the Triton kernel where it applies (CUDA, no autograd through the update) and the
+    PyTorch path elsewhere; "triton" forces the kernel (CPU tensors need
+    TRITON_INTERPRET=1), "torch" the PyTorch path, "naive" the reference.
     """
-    inputs = (k, v, gates, *momentum) + ((q,) if q is not None else ())
-    use_kernel = backend == "triton" or (
-        backend == "auto" and kernel_applies(config, weights, *inputs)
-    )
-    if use_kernel:
-        return _kernel_module().chunk_update_triton(
-            config, weights, momentum, k, v, gates, q, n_valid
-        )
-    return chunk_update_reference(config, weights, momentum, k, v, gates, q, n_valid)
+    if backend == "auto":
+        tensors = (*weights, *momentum, k, v, gates) + ((q,) if q is not None else ())
+        backend = "triton" if kernel_applies(*tensors) else "torch"
+    if backend == "triton":
+        update = _kernel_module().chunk_update_triton
+    elif backend == "torch":
+        update = chunk_update_torch
+    elif backend == "naive":
+        update = chunk_update_naive
+    else:
+        raise ValueError(f"unknown backend {backend!r}: auto, naive, torch or triton")
+    return update(rule, weights, momentum, k, v, gates, q, n_valid)

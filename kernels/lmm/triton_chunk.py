@@ -39,9 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memsvc.memory.chunk import ChunkWrite
-from memsvc.memory.config import MemoryConfig
-from memsvc.memory.mlp import MLPMemory
+from kernels.lmm.mlp import MLPMemory
+from kernels.lmm.rule import ChunkRule, ChunkWrite
 
 _OBJECTIVE = {"mse": 0, "huber": 1, "lp": 2}
 _OPTIMIZER = {"sgd": 0, "momentum": 1, "chunk_momentum": 2}
@@ -344,7 +343,7 @@ def _coefficients(
     CAP: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """The optimiser's chunk scalars (memsvc.memory.optimizer), in log space as there:
+    """The optimiser's chunk scalars (kernels.lmm.optimizer), in log space as there:
 
         M_C = beta M_0 + c S_0 - sum_i w_i u_i,    S_C = e S_0 - sum_i ws_i u_i
 
@@ -837,7 +836,7 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def chunk_update_triton(
-    config: MemoryConfig,
+    rule: ChunkRule,
     weights: Sequence[Tensor],
     momentum: Sequence[Tensor],
     k: Tensor,
@@ -849,22 +848,19 @@ def chunk_update_triton(
     precision: str = "ieee",
     blocks: Blocks | None = None,
 ) -> ChunkWrite:
-    """`kernels.lmm.reference.chunk_update_reference`, as one Triton launch.
+    """`kernels.lmm.chunk.chunk_update_torch`, as one Triton launch.
 
     Weights and momentum: float32 or bfloat16 (one dtype). Returns new tensors (the
     inputs are not written); reads and surprise^2 in float32.
     """
-    if config.update_rule != "chunk":
-        raise ValueError("the Triton chunk update implements update_rule='chunk' only")
     dtype = weights[0].dtype
     if dtype not in _TL_DTYPE or any(t.dtype != dtype for t in (*weights, *momentum)):
         raise ValueError(f"weights and momentum must share one of float32 / bfloat16, got {dtype}")
     blocks = blocks or Blocks()
-    cfg = config
     n_mem, n_tok, d = k.shape
     n_read = 0 if q is None else q.shape[1]
-    depth = cfg.depth
-    shapes = cfg.layer_shapes()
+    depth = len(weights)
+    shapes = [(w.shape[1], w.shape[2]) for w in weights]
     device = k.device
     weights = [w.contiguous() for w in weights]
     momentum = [s.contiguous() for s in momentum]
@@ -895,11 +891,11 @@ def chunk_update_triton(
     fit = min(_pow2(widest), 128)
     emulate = device.type == "cpu"  # CPU tensors run only under the interpreter
     meta = dict(
-        OBJ=_OBJECTIVE[cfg.objective],
-        OPT=_OPTIMIZER[cfg.optimizer],
-        ACT=_ACTIVATION[cfg.activation],
-        NORMALIZE=cfg.normalize_step,
-        CAP=cfg.max_update_norm is not None,
+        OBJ=_OBJECTIVE[rule.objective],
+        OPT=_OPTIMIZER[rule.optimizer],
+        ACT=_ACTIVATION[rule.activation],
+        NORMALIZE=rule.normalize_step,
+        CAP=rule.max_update_norm is not None,
         W_DTYPE=_TL_DTYPE[dtype],
         DOT_DTYPE=_TL_DTYPE[dtype],
         PRECISION=precision,
@@ -913,10 +909,10 @@ def chunk_update_triton(
         num_warps=blocks.num_warps,
     )
     scalars = (
-        cfg.huber_delta,
-        cfg.lp_p,
-        MLPMemory(cfg).act_bound,
-        cfg.max_update_norm if cfg.max_update_norm is not None else 0.0,
+        rule.huber_delta,
+        rule.lp_p,
+        MLPMemory(depth, rule.activation).act_bound,
+        rule.max_update_norm if rule.max_update_norm is not None else 0.0,
     )
     strides = (
         k.stride(0),
@@ -929,8 +925,8 @@ def chunk_update_triton(
         gates.stride(1),
     )
     common = (k, v, q, gates, n_valid, reads, surprise_sq, scratch, *strides)
-    mom = momentum if cfg.has_momentum else weights  # not read without momentum
-    mom_new = new_s if cfg.has_momentum else new_w
+    mom = momentum if rule.has_momentum else weights  # not read without momentum
+    mom_new = new_s if rule.has_momentum else new_w
     if depth == 2:
         _chunk_depth2_kernel[(n_mem,)](
             weights[0],
@@ -943,7 +939,7 @@ def chunk_update_triton(
             mom_new[1],
             *common,
             d,
-            cfg.hidden_dim,
+            shapes[0][1],
             n_tok,
             n_read,
             total,

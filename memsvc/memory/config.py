@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from kernels.lmm.rule import Activation, ChunkRule, Objective, Optimizer
 from memsvc.configs import require_known_fields
 
-Objective = Literal["mse", "huber", "lp"]
 Retention = Literal["l2", "none"]
-InnerOptimizer = Literal["momentum", "chunk_momentum", "sgd"]
 UpdateRule = Literal["chunk", "delta"]
-Activation = Literal["gelu", "silu"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class MemoryConfig:
     huber_delta: float = 1.0
     lp_p: float = 1.5
     retention: Retention = "l2"
-    optimizer: InnerOptimizer = "momentum"
+    optimizer: Optimizer = "momentum"
     # Data-dependent gates are squashed to (0, max): theta_t = max_step * sigmoid(.)
     max_step: float = 1.0
     max_momentum: float = 0.95
@@ -105,7 +103,20 @@ class MemoryConfig:
 
     @property
     def has_momentum(self) -> bool:
-        return self.optimizer in ("momentum", "chunk_momentum")
+        return self.chunk_rule.has_momentum
+
+    @property
+    def chunk_rule(self) -> ChunkRule:
+        """What kernels.lmm's chunk update needs of this config."""
+        return ChunkRule(
+            activation=self.activation,
+            objective=self.objective,
+            huber_delta=self.huber_delta,
+            lp_p=self.lp_p,
+            optimizer=self.optimizer,
+            normalize_step=self.normalize_step,
+            max_update_norm=self.max_update_norm,
+        )
 
     def layer_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of each memory weight matrix, first layer first."""

@@ -6,7 +6,7 @@ Data flow of one call (B streams, H heads, T new tokens, chunk C):
       -> prepend the pending partial chunk from the state
       -> per chunk: read the new tokens' queries at the chunk-start weights
          (delta rule: at the weights after each token), and, when the chunk
-         is complete, write it (chunk.py / delta.py) through the write gate
+         is complete, write it (kernels.lmm / kernels.delta_rule) through the write gate
       -> y (B, T, dim); the last partial chunk goes back into the state.
 
 Chunks are aligned to the stream position, never to the call, so any split
@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memsvc.memory.chunk import chunk_write, fused_chunk_write
+from kernels.delta_rule import DeltaPlan, delta_chunk, delta_plan
+from kernels.lmm import Backend, chunk_update
+from kernels.lmm.mlp import MLPMemory
 from memsvc.memory.config import MemoryConfig
-from memsvc.memory.delta import DeltaPlan, delta_chunk, delta_plan
 from memsvc.memory.gate import WriteGate
-from memsvc.memory.mlp import MLPMemory
-from memsvc.memory.objective import make_objective
-from memsvc.memory.optimizer import make_optimizer
 from memsvc.memory.retention import make_retention
 from memsvc.memory.state import MemoryState, NonFiniteStateError
 
@@ -65,11 +63,15 @@ class NeuralMemory(nn.Module):
     projections and their depthwise causal convolution, the gate projection
     (theta, eta, alpha per head), the memory's initial weights, and an output
     projection. The per-stream memory weights live in `MemoryState`.
+
+    `backend` picks the path of the chunk update (kernels.lmm.chunk_update): "auto"
+    runs the Triton kernel on CUDA when no gradient flows through the update.
     """
 
-    def __init__(self, config: MemoryConfig) -> None:
+    def __init__(self, config: MemoryConfig, backend: Backend = "auto") -> None:
         super().__init__()
         self.config = config
+        self.backend = backend
         cfg = config
         n_proj = 2 if cfg.lookahead else 3  # lookahead keys reuse the query projection
         self.channels = n_proj * cfg.dim
@@ -83,15 +85,14 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             bias = torch.tensor([cfg.step_bias, cfg.momentum_bias, cfg.forget_bias])
             self.to_gates.bias.copy_(bias.repeat_interleave(cfg.heads))
-        self.arch = MLPMemory(cfg)
-        heads_init = [self.arch.init_weights() for _ in range(cfg.heads)]
+        self.arch = MLPMemory(cfg.depth, cfg.activation)
+        heads_init = [self.arch.init_weights(cfg.layer_shapes()) for _ in range(cfg.heads)]
         self.initial_weights = nn.ParameterList(
             nn.Parameter(torch.stack([h[layer] for h in heads_init]))  # (H, in, out)
             for layer in range(cfg.depth)
         )
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.has_output_proj else None
-        self.objective = make_objective(cfg)
-        self.optimizer = make_optimizer(cfg)
+        self.rule = cfg.chunk_rule
         self.retention = make_retention(cfg)
         self.gate = WriteGate.from_config(cfg)
         self.check_finite = True
@@ -256,10 +257,9 @@ class NeuralMemory(nn.Module):
                 outputs.append(step.outputs)
                 new_weights, new_momentum, surprise_sq = [step.weights], [], step.surprise_sq
             elif complete:
-                write_chunk = fused_chunk_write if keys.is_cuda else chunk_write
-                write = write_chunk(
-                    cfg, self.arch, self.objective, self.optimizer, weights, momentum,
-                    keys[:, span], values[:, span], gates[:, span], q,
+                write = chunk_update(
+                    self.rule, weights, momentum, keys[:, span], values[:, span],
+                    gates[:, span], q, backend=self.backend,
                 )  # fmt: skip
                 outputs.append(write.reads)
                 new_weights, new_momentum = write.weights, write.momentum

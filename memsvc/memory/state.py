@@ -17,9 +17,6 @@ class NonFiniteStateError(FloatingPointError):
         super().__init__(f"non-finite memory state: {detail}")
 
 
-_COUNTERS = ("tokens", "chunks", "writes_applied", "writes_skipped", "surprise_ema", "write_rate")
-
-
 @dataclass
 class MemoryState:
     """State of B independent streams of one memory layer.
@@ -89,12 +86,6 @@ class MemoryState:
     def clone(self) -> MemoryState:
         return self.map(lambda t: t.clone())
 
-    def detach(self) -> MemoryState:
-        return self.map(lambda t: t.detach())
-
-    def to(self, device: torch.device | str) -> MemoryState:
-        return self.map(lambda t: t.to(device))
-
     @staticmethod
     def stack(states: list[MemoryState]) -> MemoryState:
         """Concatenate streams along the batch dimension (same pending length)."""
@@ -112,15 +103,6 @@ class MemoryState:
             for b in range(self.batch)
         ]
 
-    def select(self, mask: Tensor, other: MemoryState) -> MemoryState:
-        """Per stream: this state where mask (B,) is true, `other` elsewhere."""
-        a, b = self.to_dict(), other.to_dict()
-        out = {}
-        for k, v in a.items():
-            m = mask.view(-1, *([1] * (v.dim() - 1)))
-            out[k] = torch.where(m, v, b[k])
-        return MemoryState.from_dict(out)
-
     def non_finite(self) -> dict[str, list[int]]:
         """Names of float tensors holding NaN/inf, with the offending streams."""
         bad = {}
@@ -130,11 +112,6 @@ class MemoryState:
                 if not bool(ok.all()):
                     bad[k] = (~ok).nonzero().flatten().tolist()
         return bad
-
-    def check_finite(self) -> None:
-        bad = self.non_finite()
-        if bad:
-            raise NonFiniteStateError(bad)
 
     def with_mitigation(self, step_scale: float, forget_boost: float) -> MemoryState:
         """The same state with every stream's mitigation knobs set (see the fields)."""
@@ -147,9 +124,3 @@ class MemoryState:
             step_scale=torch.full_like(self.step_scale, step_scale),
             forget_boost=torch.full_like(self.forget_boost, forget_boost),
         )
-
-    def with_counters(self, **counters: Tensor) -> MemoryState:
-        unknown = set(counters) - set(_COUNTERS)
-        if unknown:
-            raise ValueError(f"not counters: {sorted(unknown)}")
-        return replace(self, **counters)

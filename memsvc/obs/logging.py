@@ -1,10 +1,10 @@
-"""structlog set-up, done once at the edge (the CLI); library code only binds and emits."""
+"""structlog set-up, done once at the edge (the CLI); library code only binds and emits
+(`structlog.contextvars.bound_contextvars` for context that follows a task and its threads)."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from contextlib import AbstractContextManager
 
 import structlog
 
@@ -32,17 +32,4 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=_current_stderr,
         cache_logger_on_first_use=False,
-    )
-
-
-def session_context(
-    tenant: str | None = None, session: str | None = None
-) -> AbstractContextManager[None]:
-    """Bind tenant and session to every event logged inside the `with` block, from any
-    module. The binding lives in context variables: it follows the asyncio task (one
-    RPC) and is copied into `asyncio.to_thread` workers, never leaking into other calls.
-    Arguments left None are not bound."""
-    names = {"tenant": tenant, "session": session}
-    return structlog.contextvars.bound_contextvars(
-        **{key: value for key, value in names.items() if value is not None}
     )

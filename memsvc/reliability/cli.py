@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.reliability.fuzz import MissingExtraError, require_hypothesis
 
 PARTS = ("load", "faults", "fuzz")
 # scenarios.FAULTS' keys, named here so that building the parser imports nothing heavy.
@@ -40,9 +42,15 @@ def add_reliability_parser(benches: argparse._SubParsersAction) -> None:
 
 
 def run_reliability(args: argparse.Namespace) -> int:
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if "fuzz" in parts:  # before any part runs: a missing extra should not cost a load run
+        try:
+            require_hypothesis()
+        except MissingExtraError as error:
+            print(f"memsvc bench reliability: {error}", file=sys.stderr)
+            return 2
     from memsvc.reliability import scenarios
 
-    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     faults = [name.strip() for name in args.faults.split(",") if name.strip()]
     unknown += sorted(set(faults) - set(scenarios.FAULTS))

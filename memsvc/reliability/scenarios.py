@@ -288,8 +288,8 @@ FAULTS: dict[str, Callable[..., Report]] = {
 
 
 def run_bad_input(workdir: Path, model_dir: Path, *, examples: int, seed: int) -> Report:
-    """The fuzzing campaign (``fuzz.py``) against one replica of a private cluster."""
-    from memsvc.reliability.fuzz import run_bad_input_campaign
+    """The fuzzing campaign (``fuzz/campaign.py``) against one replica of a private cluster."""
+    from memsvc.reliability.fuzz.campaign import run_bad_input_campaign
 
     with private_cluster(workdir, model_dir, replicas=1) as (cluster, _, _):
         api_key = cluster.create_tenant("fuzz")

@@ -168,9 +168,6 @@ class SmallDisk:
             raise ServiceUnavailableError(f"mount -t tmpfs failed: {done.stderr.strip()}")
         return self
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.path).free
-
     def fill(self) -> Path:
         """Writes a ballast file until the filesystem is full; returns it."""
         ballast = self.path / "ballast"

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from kernels.lmm.objective import MSE, Huber, Lp
+from kernels.lmm.optimizer import MomentumSGD
+from kernels.segsum import segsum
 from memsvc.memory import MemoryConfig
 from memsvc.memory.gate import WriteGate
-from memsvc.memory.objective import MSE, Huber, Lp
-from memsvc.memory.optimizer import MomentumSGD, segsum
 
 from .conftest import make_memory
 

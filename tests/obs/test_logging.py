@@ -9,7 +9,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from memsvc.obs.logging import configure_logging, session_context
+from memsvc.obs.logging import configure_logging
+
+bound = structlog.contextvars.bound_contextvars
 
 
 @pytest.fixture(autouse=True)
@@ -22,12 +24,12 @@ def events(err: str) -> list[dict]:
     return [json.loads(line) for line in err.splitlines() if line.strip()]
 
 
-def test_events_inside_a_session_context_carry_tenant_and_session(capsys):
+def test_events_inside_a_bound_context_carry_tenant_and_session(capsys):
     configure_logging("info", json=True)
     log = structlog.get_logger("memsvc.test")
-    with session_context(tenant="t1", session="s1"):
+    with bound(tenant="t1", session="s1"):
         log.info("append_acknowledged", position=4096)
-        with session_context(session="s2"):
+        with bound(session="s2"):
             log.warning("mitigation_applied", kind="saturation")
     log.info("outside")
     first, inner, outside = events(capsys.readouterr().err)
@@ -43,7 +45,7 @@ def test_the_binding_follows_each_task_and_its_threads(capsys):
     log = structlog.get_logger("memsvc.test")
 
     async def rpc(session: str) -> None:
-        with session_context(tenant="t", session=session):
+        with bound(tenant="t", session=session):
             await asyncio.sleep(0.01)  # the other task runs in between
             await asyncio.to_thread(log.info, "model_step")
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from memsvc.engine import StreamingEngine
-from memsvc.reliability.fuzz import CHANNEL_OPTIONS
+from memsvc.reliability.fuzz.calls import CHANNEL_OPTIONS
 from tests.server import harness
 from tests.server.harness import Service, start_service, stop_service
 

@@ -27,17 +27,15 @@ from hypothesis import strategies as st
 from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
 from memsvc.proto.v1 import memsvc_pb2 as pb
-from memsvc.reliability.fuzz import (
+from memsvc.reliability.fuzz.calls import bearer
+from memsvc.reliability.fuzz.campaign import create_session, export_session, server_alive
+from memsvc.reliability.fuzz.mutations import Mutations
+from memsvc.reliability.fuzz.strategies import (
     CHECKPOINT_MUTATIONS,
     CHECKPOINT_REGRESSIONS,
     FILE_MUTATIONS,
     STATE_EDITS,
     STATE_REGRESSIONS,
-    Mutations,
-    bearer,
-    create_session,
-    export_session,
-    server_alive,
 )
 from memsvc.sessions.api import IncompatibleStateError, InvalidRequestError
 from memsvc.sessions.checkpoint import (

@@ -20,15 +20,10 @@ import grpc
 import pytest
 
 from memsvc.proto.v1 import memsvc_pb2 as pb
-from memsvc.reliability.fuzz import (
-    CLEAN_CODES,
-    GROUPS,
+from memsvc.reliability.fuzz.calls import CLEAN_CODES, GROUPS, Credentials, FuzzCall, bearer
+from memsvc.reliability.fuzz.campaign import (
     BadAnswerError,
-    Credentials,
     Failure,
-    FuzzCall,
-    Targets,
-    bearer,
     check_call,
     create_session,
     export_session,
@@ -37,6 +32,7 @@ from memsvc.reliability.fuzz import (
     server_alive,
     session_snapshot,
 )
+from memsvc.reliability.fuzz.strategies import Targets
 from tests.server.harness import ADMIN_KEY, Service
 
 Code = grpc.StatusCode

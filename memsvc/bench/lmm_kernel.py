@@ -10,7 +10,7 @@ weights, float32 or bfloat16 weights. In this order, on one card, one process:
    with a ragged batch (stops with exit 1 on a mismatch: no speed without it);
 2. the card's floors: copy bandwidth (a 2 GiB device-to-device copy) and matmul
    rate (8192^3, float32 without TF32 and bfloat16);
-3. median times (CUDA events) of the PyTorch path (memsvc.memory's chunk_write),
+3. median times (CUDA events) of the PyTorch path (kernels.lmm.chunk_update_torch),
    the kernel, and titans-pytorch 0.5.5's NeuralMemory on one 64-token call with
    its state carried (the peer; it also projects q/k/v and gates, float32 only).
 
@@ -61,9 +61,10 @@ def config_for(dim: int) -> MemoryConfig:
     return MemoryConfig(dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK)
 
 
-def make_inputs(cfg: MemoryConfig, sessions: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+def make_inputs(
+    cfg: MemoryConfig, sessions: int, dtype: torch.dtype, seed: int = 0, dev: str = "cuda"
+):
+    g = torch.Generator(device=dev).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return scale * torch.randn(*shape, generator=g, device=dev)
@@ -147,20 +148,23 @@ def measure_card() -> dict[str, float]:
     }
 
 
-def check_correctness(dims: list[int], blocks: Blocks, precision: str) -> list[dict]:
+def check_correctness(
+    dims: list[int], blocks: Blocks, precision: str, dev: str = "cuda"
+) -> list[dict]:
     """The timed kernel vs the reference on a ragged batch of 4 sessions at each dim and
-    dtype (errors relative to |reference| + 1)."""
+    dtype (errors relative to |reference| + 1). On "cpu" it needs TRITON_INTERPRET=1."""
     results = []
     fp32_tol = 1e-4 if precision == "ieee" else 5e-3
     for dim in dims:
         cfg = config_for(dim)
         for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, 3e-2)):
-            chunk = make_inputs(cfg, 4, dtype, seed=dim)
-            n_valid = torch.tensor([CHUNK, 17, 0, CHUNK - 1], device="cuda")
+            chunk = make_inputs(cfg, 4, dtype, seed=dim, dev=dev)
+            n_valid = torch.tensor([CHUNK, 17, 0, CHUNK - 1], device=dev)
+            rule = cfg.chunk_rule
             got = chunk_update_triton(
-                cfg, *chunk, n_valid=n_valid, blocks=blocks, precision=precision
+                rule, *chunk, n_valid=n_valid, blocks=blocks, precision=precision
             )
-            want = chunk_update(cfg, *chunk, n_valid=n_valid, backend="torch")
+            want = chunk_update(rule, *chunk, n_valid=n_valid, backend="torch")
             errors = {}
             layers = range(len(got.weights))
             pairs = {
@@ -248,9 +252,12 @@ def run(
                 floor = max(bytes_ms, flop_ms)
                 chunk = make_inputs(cfg, sessions, dtype)
                 impls: dict[str, tuple[Callable[[], object] | None, str]] = {
-                    "torch": (lambda c=chunk, f=cfg: chunk_update(f, *c, backend="torch"), ""),
+                    "torch": (
+                        lambda c=chunk, f=cfg.chunk_rule: chunk_update(f, *c, backend="torch"),
+                        "",
+                    ),
                     "triton": (
-                        lambda c=chunk, f=cfg: chunk_update_triton(
+                        lambda c=chunk, f=cfg.chunk_rule: chunk_update_triton(
                             f, *c, blocks=blocks, precision=precision
                         ),
                         "",

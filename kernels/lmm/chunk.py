@@ -1,4 +1,4 @@
-"""One chunk's write with gradients at the chunk-start weights (matrix-product form).
+"""The chunk update in PyTorch: gradients at the chunk-start weights, in matrix-product form.
 
 For a chunk of C tokens and N = batch * heads memories:
   1. forward the keys through M_0, keep each layer's inputs H_l and
@@ -12,31 +12,89 @@ For a chunk of C tokens and N = batch * heads memories:
 The surprise (norm of the mean raw gradient) uses the Gram identity
 ||sum_i h_i g_i^T||_F^2 = sum_ij (g_i . g_j)(h_i . h_j): C x C products, no
 extra (out x in) matmul.
+
+`chunk_update_torch` serves a batch where memory n writes only its first
+n_valid[n] tokens (a partial chunk is a shorter chunk; 0 tokens leave weights and
+momentum as they are, with surprise 0), and runs the math in float32 at least:
+bfloat16 weights are widened, updated and rounded back once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from memsvc.memory.config import MemoryConfig
-from memsvc.memory.mlp import MLPMemory
-from memsvc.memory.objective import Objective
-from memsvc.memory.optimizer import InnerOptimizer
+from kernels.lmm.mlp import MLPMemory
+from kernels.lmm.objective import Objective, make_objective
+from kernels.lmm.optimizer import InnerOptimizer, make_optimizer
+from kernels.lmm.rule import ChunkRule, ChunkWrite
 
 
-@dataclass
-class ChunkWrite:
-    weights: list[Tensor]  # (N, in, out) after the chunk, before the write gate
-    momentum: list[Tensor]  # same; [] without momentum
-    surprise_sq: Tensor  # (N,) ||mean per-token gradient||^2 over all layers
-    reads: Tensor | None  # (N, R, d) M_0(q) for the queries passed in
+def chunk_update_torch(
+    rule: ChunkRule,
+    weights: Sequence[Tensor],  # per layer (N, in, out)
+    momentum: Sequence[Tensor],  # per layer like weights; () without momentum
+    k: Tensor,  # (N, C, d)
+    v: Tensor,  # (N, C, d)
+    gates: Tensor,  # (N, C, 3) theta, eta, alpha
+    q: Tensor | None = None,  # (N, R, d) reads at the chunk-start weights
+    n_valid: Tensor | None = None,  # (N,) tokens of the chunk each memory writes; None: all C
+) -> ChunkWrite:
+    """New weights and momentum (in the weights' dtype), surprise^2 and reads (float32+)."""
+    arch = MLPMemory(len(weights), rule.activation)
+    objective, optimizer = make_objective(rule), make_optimizer(rule.optimizer)
+    store = weights[0].dtype
+    math = torch.promote_types(store, torch.float32)
+    w = [x.to(math) for x in weights]
+    s = [x.to(math) for x in momentum]
+    k, v, gates = k.to(math), v.to(math), gates.to(math)
+    q = None if q is None else q.to(math)
+    full = k.shape[1]
+    counts = [full] * k.shape[0] if n_valid is None else [int(c) for c in n_valid.tolist()]
+
+    if all(c == full for c in counts):
+        out = _chunk_write(rule, arch, objective, optimizer, w, s, k, v, gates, q)
+    else:
+        out = _ragged(rule, arch, objective, optimizer, w, s, k, v, gates, q, counts)
+    return ChunkWrite(
+        weights=[x.to(store) for x in out.weights],
+        momentum=[x.to(store) for x in out.momentum],
+        surprise_sq=out.surprise_sq,
+        reads=out.reads,
+    )
 
 
-def chunk_write(
-    config: MemoryConfig,
+def _ragged(rule, arch, objective, optimizer, w, s, k, v, gates, q, counts) -> ChunkWrite:
+    """_chunk_write once per distinct valid length, on the memories that have it."""
+    new_w = [x.clone() for x in w]
+    new_s = [x.clone() for x in s]
+    surprise_sq = k.new_zeros(k.shape[0])
+    for n in sorted(set(counts) - {0}):
+        idx = torch.tensor([i for i, c in enumerate(counts) if c == n], device=k.device)
+        part = _chunk_write(
+            rule,
+            arch,
+            objective,
+            optimizer,
+            [x[idx] for x in w],
+            [x[idx] for x in s],
+            k[idx, :n],
+            v[idx, :n],
+            gates[idx, :n],
+        )
+        for layer, x in enumerate(part.weights):
+            new_w[layer][idx] = x
+        for layer, x in enumerate(part.momentum):
+            new_s[layer][idx] = x
+        surprise_sq[idx] = part.surprise_sq
+    reads = None if q is None else arch.forward(w, q)
+    return ChunkWrite(weights=new_w, momentum=new_s, surprise_sq=surprise_sq, reads=reads)
+
+
+def _chunk_write(
+    rule: ChunkRule,
     arch: MLPMemory,
     objective: Objective,
     optimizer: InnerOptimizer,
@@ -64,14 +122,14 @@ def chunk_write(
     surprise_sq = gram.sum((1, 2)) / (n_tok * n_tok)
 
     theta, eta, alpha = gates.unbind(-1)
-    if config.normalize_step:
+    if rule.normalize_step:
         theta = theta / arch.curvature(weights, trace)
     coef = optimizer.coefficients(theta, eta, alpha)
     w, ws = coef.w, coef.ws
-    if config.max_update_norm is not None:
+    if rule.max_update_norm is not None:
         # ||sum_i w_i u_i||_F^2 = w^T gram w; scaling the steps scales the momentum's share too.
         norm = torch.sqrt(torch.einsum("ni,nij,nj->n", w, gram, w).clamp_min(0.0))
-        scale = (config.max_update_norm / norm.clamp_min(1e-30)).clamp_max(1.0).unsqueeze(-1)
+        scale = (rule.max_update_norm / norm.clamp_min(1e-30)).clamp_max(1.0).unsqueeze(-1)
         w = w * scale
         ws = None if ws is None else w if coef.shared else ws * scale
 
@@ -94,23 +152,3 @@ def chunk_write(
             new_s.append(s_new.addcmul_(s0, coef.e.view(-1, 1, 1)))
         new_w.append(m_new)
     return ChunkWrite(weights=new_w, momentum=new_s, surprise_sq=surprise_sq, reads=reads)
-
-
-def fused_chunk_write(
-    config: MemoryConfig,
-    arch: MLPMemory,
-    objective: Objective,
-    optimizer: InnerOptimizer,
-    weights: list[Tensor],
-    momentum: list[Tensor],
-    k: Tensor,
-    v: Tensor,
-    gates: Tensor,
-    q: Tensor | None = None,
-) -> ChunkWrite:
-    """`chunk_write` through kernels.lmm's dispatch point: its Triton kernel (one launch for
-    all N memories) where it applies (CUDA, Triton importable, float32 / bfloat16, no
-    autograd through the update), `chunk_write` itself otherwise."""
-    from kernels.lmm import chunk_update  # on first use: kernels.lmm builds on this module
-
-    return chunk_update(config, weights, momentum, k, v, gates, q)

@@ -29,7 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from memsvc.memory.config import MemoryConfig
+from kernels.lmm.rule import Optimizer
+from kernels.segsum import segsum, suffix_exclusive_sum
 
 
 @dataclass
@@ -50,26 +51,6 @@ class InnerOptimizer(Protocol):
     def coefficients(self, theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkCoefficients:
         """theta, eta, alpha: (N, C) per-token step, momentum, forgetting."""
         ...
-
-
-def segsum(x: Tensor) -> Tensor:
-    """out[..., i, j] = sum_{m=j+1..i} x[..., m] for j <= i, -inf above the diagonal.
-
-    Built from masked cumulative sums, not differences of one long cumulative
-    sum, so it keeps full precision for long chunks and tiny gates.
-    """
-    n = x.shape[-1]
-    lower_strict = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    y = x.unsqueeze(-1).expand(*x.shape, n).masked_fill(~lower_strict, 0.0)
-    y = y.cumsum(dim=-2)
-    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-    return y.masked_fill(~lower, float("-inf"))
-
-
-def suffix_exclusive_sum(x: Tensor) -> Tensor:
-    """out[..., i] = sum_{m > i} x[..., m]."""
-    inclusive = x.flip(-1).cumsum(-1).flip(-1)
-    return torch.cat([inclusive[..., 1:], torch.zeros_like(x[..., :1])], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -119,9 +100,9 @@ class ChunkMomentumSGD:
         )
 
 
-def make_optimizer(config: MemoryConfig) -> InnerOptimizer:
-    if config.optimizer == "momentum":
+def make_optimizer(name: Optimizer) -> InnerOptimizer:
+    if name == "momentum":
         return MomentumSGD()
-    if config.optimizer == "chunk_momentum":
+    if name == "chunk_momentum":
         return ChunkMomentumSGD()
     return SGD()

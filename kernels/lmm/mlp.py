@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memsvc.memory.config import MemoryConfig
+from kernels.lmm.rule import Activation
 
 
 def _gelu_grad(z: Tensor) -> Tensor:
@@ -61,19 +61,20 @@ class Trace:
 class MLPMemory:
     """Stateless math of the memory network (no parameters of its own)."""
 
-    def __init__(self, config: MemoryConfig) -> None:
-        self.depth = config.depth
-        self.shapes = config.layer_shapes()
-        self.residual = config.depth >= 2
-        self.act, self.act_grad, self.act_bound = _ACTIVATIONS[config.activation]
+    def __init__(self, depth: int, activation: Activation) -> None:
+        self.depth = depth
+        self.residual = depth >= 2
+        self.act, self.act_grad, self.act_bound = _ACTIVATIONS[activation]
 
-    def init_weights(self, generator: torch.Generator | None = None) -> list[Tensor]:
+    def init_weights(
+        self, shapes: list[tuple[int, int]], generator: torch.Generator | None = None
+    ) -> list[Tensor]:
         """Initial weights for one head. Keys are unit-norm, so the first layer is
         drawn at std 1 (std 1/sqrt(d) leaves every hidden unit near zero and
         recall never starts: notes/trainability.md); the last layer starts at zero
         so a fresh memory is the identity (depth >= 2) or empty (depth 1)."""
         weights = []
-        for layer, (i, o) in enumerate(self.shapes):
+        for layer, (i, o) in enumerate(shapes):
             if layer == self.depth - 1:
                 weights.append(torch.zeros(i, o))
             elif layer == 0:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from memsvc.memory.optimizer import segsum
+from kernels.segsum import segsum
 
 
 @dataclass
@@ -74,7 +74,7 @@ def delta_chunk(
 class DeltaPlan:
     """Everything about M whole chunks that does not depend on the weights, computed for
     all of them at once; `apply` then walks the chunks in order with four small GEMMs
-    each. Equal to `delta_chunk` chunk by chunk (tests/memory/test_delta_plan.py).
+    each. Equal to `delta_chunk` chunk by chunk (tests/kernels/test_delta_rule.py).
 
     With T = I + A (the chunk's unit lower-triangular system) solved once per chunk:
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from memsvc.memory.config import MemoryConfig
+from kernels.lmm.rule import ChunkRule
 
 
 class Objective(Protocol):
@@ -68,9 +68,9 @@ class Lp:
         return r.sign() * r.abs().pow(self.p - 1)
 
 
-def make_objective(config: MemoryConfig) -> Objective:
-    if config.objective == "mse":
+def make_objective(rule: ChunkRule) -> Objective:
+    if rule.objective == "mse":
         return MSE()
-    if config.objective == "huber":
-        return Huber(config.huber_delta)
-    return Lp(config.lp_p)
+    if rule.objective == "huber":
+        return Huber(rule.huber_delta)
+    return Lp(rule.lp_p)
