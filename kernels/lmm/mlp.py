@@ -71,7 +71,7 @@ class MLPMemory:
     ) -> list[Tensor]:
         """Initial weights for one head. Keys are unit-norm, so the first layer is
         drawn at std 1 (std 1/sqrt(d) leaves every hidden unit near zero and
-        recall never starts: notes/trainability.md); the last layer starts at zero
+        recall never starts: docs/TRAINING.md); the last layer starts at zero
         so a fresh memory is the identity (depth >= 2) or empty (depth 1)."""
         weights = []
         for layer, (i, o) in enumerate(shapes):

@@ -30,7 +30,6 @@ import torch
 from memsvc.bench.timing import Timing, time_median
 from memsvc.engine import SamplingParams, StreamingEngine
 from memsvc.model import MAGModel, load_model
-from memsvc.model.reference import REFERENCE_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -206,27 +205,3 @@ def run_decode_command(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
-
-
-def add_decode_bench_parser(benches: argparse._SubParsersAction) -> None:
-    decode = benches.add_parser(
-        "decode",
-        help="generation tokens/s (1, 8, 32 sessions) vs the reference path, bulk append "
-        "and the compute floor (same run)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    decode.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
-    decode.add_argument("--tokens", type=int, default=256, help="tokens per decoder generation")
-    decode.add_argument(
-        "--reference-tokens", type=int, default=64, help="tokens per reference generation"
-    )
-    decode.add_argument(
-        "--sessions", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8, 32]
-    )
-    decode.add_argument("--history", type=int, default=256, help="tokens appended before")
-    decode.add_argument("--bulk-tokens", type=int, default=4096)
-    decode.add_argument("--repeats", type=int, default=5)
-    decode.add_argument("--threads", type=int, default=1, help="torch threads (every path)")
-    decode.add_argument("--json", action="store_true", help="print one JSON object")
-    decode.set_defaults(func=run_decode_command)

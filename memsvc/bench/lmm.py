@@ -8,6 +8,7 @@ tokens fed one at a time. Both implementations are timed by the same helper
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass
 
@@ -79,6 +80,20 @@ def _measure(
         peak_bytes=peak_tensor_bytes(run),
         state_bytes=state_bytes(final),
         finite=bool(torch.isfinite(outputs).all()),
+    )
+
+
+def run_lmm_command(args: argparse.Namespace) -> int:
+    """`memsvc bench lmm`: the flags of memsvc/bench/cli.py onto :func:`run_lmm_benchmark`."""
+    return run_lmm_benchmark(
+        dims=args.dims,
+        tokens=args.tokens,
+        stream_tokens=args.stream_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        peer=not args.no_peer,
+        as_json=args.json,
+        optimizer=args.optimizer,
     )
 
 

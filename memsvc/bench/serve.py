@@ -14,7 +14,7 @@ after the other on the same model and threads:
 
 Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine:
 one batched step; grpc: from sending an append to its acknowledgement), and
-the goals of DESIGN.md section 8: 1 session through gRPC >= 80% of in-process,
+the goals of docs/ARCHITECTURE.md ("Goals"): 1 session through gRPC >= 80% of in-process,
 32 sessions >= 4x the aggregate of 1. Batching can only gain where one
 session leaves the cores idle: with large appends a single stream already
 fills them, and the engine's own N-session row is the ceiling. The client
@@ -41,7 +41,6 @@ import torch
 from memsvc.client.aio import AsyncMemoryClient, AsyncSession
 from memsvc.engine import StreamingEngine
 from memsvc.model.io import load_model, model_hash
-from memsvc.model.reference import REFERENCE_MODEL_DIR
 from memsvc.runtime import tune_allocator
 from memsvc.server.backends import open_database
 from memsvc.server.process import ServerProcess
@@ -64,27 +63,6 @@ class Run:
     @property
     def tok_per_s(self) -> float:
         return self.tokens / self.seconds
-
-
-def add_serve_bench_parser(benches: argparse._SubParsersAction) -> None:
-    serve = benches.add_parser(
-        "serve",
-        help="gRPC streaming throughput and ack latency vs the in-process engine (same run)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
-    serve.add_argument(
-        "--sessions", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8, 32, 128]
-    )
-    serve.add_argument("--tokens-per-session", type=int, default=2048)
-    serve.add_argument(
-        "--append-tokens", type=int, default=64, help="tokens per append (64: a memory chunk)"
-    )
-    serve.add_argument("--window", type=int, default=2, help="appends in flight per stream")
-    serve.add_argument("--threads", type=int, default=2, help="torch threads (both paths)")
-    serve.add_argument("--json", action="store_true", help="print one JSON object")
-    serve.set_defaults(func=run_serve_benchmark)
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> int:

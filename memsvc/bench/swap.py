@@ -18,7 +18,7 @@ Both reads hit the page cache (the file was just written), as a restore of
 a recently evicted session does. Sizes: the reference state, then the same
 model with longer attention windows (the KV cache is most of a state).
 
-Goals (DESIGN.md section 8): restore p99 < 10 ms for a state of a few MB;
+Goals (docs/ARCHITECTURE.md, "Goals"): restore p99 < 10 ms for a state of a few MB;
 eviction at half the disk's write speed or better.
 """
 
@@ -68,27 +68,6 @@ class SizeResult:
     def evict_share_of_disk_speed(self) -> float:
         """Eviction throughput over the disk's write + fsync throughput (medians)."""
         return self.disk_write_p50_ms / self.evict_p50_ms
-
-
-def add_swap_bench_parser(benches: argparse._SubParsersAction) -> None:
-    swap = benches.add_parser(
-        "swap",
-        help="evict / restore latency by state size vs the disk's write and read (same run)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    swap.add_argument(
-        "--windows",
-        type=lambda s: [int(w) for w in s.split(",")],
-        default=[128, 2048, 8192, 32768],
-        help="attention windows; 128 is the reference model (~0.3, 4, 17, 67 MB states)",
-    )
-    swap.add_argument("--repeats", type=int, default=30, help="timed evict/restore pairs per size")
-    swap.add_argument("--dir", type=Path, default=Path("data"), help="where the scratch data goes")
-    swap.add_argument("--device", default="cpu", help="the engine's device (cpu, cuda)")
-    swap.add_argument("--threads", type=int, default=2, help="torch threads")
-    swap.add_argument("--json", action="store_true", help="print one JSON object")
-    swap.set_defaults(func=run_swap_benchmark)
 
 
 def run_swap_benchmark(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """titans-pytorch's NeuralMemory, set up to do the same work as ours (`memsvc bench lmm`).
 
 Needs the optional `bench` extra (`MEMSVC_EXTRAS=dev,bench scripts/setup`),
-which pins titans-pytorch==0.5.5, the release the anchor numbers in DESIGN.md
-section 8 were measured with.
+which pins titans-pytorch==0.5.5, the release the goals of docs/ARCHITECTURE.md
+("Goals") are set against.
 
 How 0.5.5 streams: `NeuralMemory.forward(seq, state=...)` returns
 `(retrieved, NeuralMemState)`; passing that state to the next call carries
@@ -53,7 +53,7 @@ def build_titans_memory(
     biases, GELU), which NeuralMemory wraps as `x + LayerNorm(MLP(x))`. Reads
     and writes both use `chunk_size`. `weights_per_chunk` sets
     `batch_size=chunk_size`: gradients are taken at the chunk-start weights, as
-    ours are (DESIGN.md section 2). False keeps 0.5.5's default
+    ours are (docs/ARCHITECTURE.md, "The memory"). False keeps 0.5.5's default
     (`batch_size=None`): every gradient of a stream is taken at its initial
     weights. The work per call, and so the speed, is the same either way.
     """

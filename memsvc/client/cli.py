@@ -7,8 +7,8 @@ memsvc sessions evict SESSION [--tier disk]      # needs the admin key
 memsvc sessions delete SESSION
 
 The server is --address ($MEMSVC_ADDRESS); the tenant's key comes from
-$MEMSVC_API_KEY and the admin key from $MEMSVC_ADMIN_KEY (never flags, so
-they stay out of `ps` and shell history).
+$MEMSVC_API_KEY (never a flag, so it stays out of `ps` and shell history) and the
+admin key from --admin-key-file, --admin-key or $MEMSVC_ADMIN_KEY.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-from rich.console import Console
-from rich.table import Table
+from memsvc.settings import add_admin_key_flags, resolve_admin_key
 
-from memsvc.client.admin import AdminClient
-from memsvc.client.errors import MemsvcError
-from memsvc.client.sync import MemoryClient
-from memsvc.proto.v1 import memsvc_pb2 as pb
+# The SDK, gRPC and rich are imported by the commands themselves: parsing (and --help)
+# stays fast.
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from memsvc.client.sync import MemoryClient
 
 
 def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
@@ -51,6 +51,7 @@ def add_sessions_parser(commands: argparse._SubParsersAction) -> None:
             action.add_argument("session_id")
         if name == "evict":
             action.add_argument("--tier", choices=("disk", "host"), default="disk")
+            add_admin_key_flags(action)
         action.add_argument(
             "--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051")
         )
@@ -66,6 +67,8 @@ class _MissingKeyError(Exception):
 
 def _guarded(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
+        from memsvc.client.errors import MemsvcError
+
         try:
             run(args)
         except (MemsvcError, _MissingKeyError) as error:
@@ -83,16 +86,37 @@ def _key(name: str) -> str:
     return key
 
 
+def _admin_key(args: argparse.Namespace) -> str:
+    try:
+        key = resolve_admin_key(args).value
+    except ValueError as error:
+        raise _MissingKeyError(str(error)) from error
+    if key is None:
+        raise _MissingKeyError(
+            "give the admin key: --admin-key-file, --admin-key or MEMSVC_ADMIN_KEY"
+        )
+    return key
+
+
 def _client(args: argparse.Namespace) -> MemoryClient:
+    from memsvc.client.sync import MemoryClient
+
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     return MemoryClient(args.address, _key("MEMSVC_API_KEY"), tls=args.tls, root_certificates=roots)
 
 
 def _print(message: Message) -> None:
+    from google.protobuf.json_format import MessageToDict
+
     print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
 
 
 def _list(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from memsvc.proto.v1 import memsvc_pb2 as pb
+
     with _client(args) as client:
         sessions = client.list_sessions()
     if args.json:
@@ -124,9 +148,11 @@ def _checkpoint(args: argparse.Namespace) -> None:
 
 
 def _evict(args: argparse.Namespace) -> None:
+    from memsvc.client.admin import AdminClient
+
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     with AdminClient(
-        args.address, _key("MEMSVC_ADMIN_KEY"), tls=args.tls, root_certificates=roots
+        args.address, _admin_key(args), tls=args.tls, root_certificates=roots
     ) as admin:
         admin.evict(args.session_id, args.tier)
     print(f"evicted {args.session_id} to {args.tier}")

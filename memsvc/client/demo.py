@@ -1,15 +1,20 @@
 """`memsvc demo`: the service end to end in about a minute, on embedded defaults.
 
 Starts `memsvc serve` in a child process (SQLite and checkpoints in one data
-directory), creates a tenant and a session, streams a long haystack with a
-pass key hidden far outside the attention window, restarts the server, asks
-for the pass key, and prints the answer, the throughput and where the data lives.
+directory), creates a tenant with `memsvc tenants create`, and a session through
+the public SDK, streams a long haystack with a pass key hidden far outside the
+attention window, restarts the server, asks for the pass key, and prints the
+answer, the throughput and where the data lives. Like a user's own program it
+talks to the service only through the SDK: the server's modules are imported
+just to start its process and to build the haystack, inside `run_demo`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,22 +23,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memsvc.client.sync import MemoryClient
-from memsvc.model.io import load_config
-from memsvc.model.reference import REFERENCE_MODEL_DIR
-from memsvc.server.backends import SetupError, check_model_dir, open_database
-from memsvc.server.process import ServerProcess
-from memsvc.sessions.durability import SESSIONS_DIR
-from memsvc.store import metadata
-from memsvc.store.database import SQLITE_FILENAME
-from memsvc.train.tasks import TaskSpec, sample
+from memsvc.client import MemoryClient
+from memsvc.settings import MODEL_HELP, model_dir
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="stream, restart, recall: the service in a minute")
-    demo.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    demo.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     demo.add_argument(
-        "--data-dir", type=Path, help="where the server keeps it all (a new temp dir)"
+        "--data-dir",
+        type=Path,
+        help="where the server keeps it all (default: a new temp dir, so the demo's tenant "
+        "stays out of your data directory)",
     )
     demo.add_argument("--tokens", type=int, default=65536, help="haystack length")
     demo.add_argument("--piece-tokens", type=int, default=4096, help="tokens per append")
@@ -42,7 +43,16 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    console = Console()
+    from memsvc.model.io import load_config
+    from memsvc.server.backends import SetupError, check_model_dir
+    from memsvc.server.process import ServerProcess
+    from memsvc.sessions.durability import SESSIONS_DIR
+    from memsvc.store.database import SQLITE_FILENAME
+    from memsvc.train.tasks import TaskSpec, sample
+
+    # soft_wrap: a path must stay on one line, copyable, whatever the terminal's width
+    # (rich wraps at 80 columns when the output is not a terminal).
+    console = Console(soft_wrap=True)
     try:
         check_model_dir(args.model)
     except SetupError as error:
@@ -58,10 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
     question = haystack.tokens[question_start:answer_start].tolist()
     expected = haystack.answer_texts[0]
 
-    database = open_database(data_dir, None)
-    with database.unit_of_work() as db:
-        _, api_key = metadata.create_tenant(db, f"demo-{secrets.token_hex(4)}")
-    database.dispose()
+    api_key = _create_tenant(data_dir, f"demo-{secrets.token_hex(4)}")
 
     server = ServerProcess(
         ["--data-dir", str(data_dir), "--model", str(args.model)], data_dir / "server.log"
@@ -120,6 +127,15 @@ def run_demo(args: argparse.Namespace) -> int:
     ):
         console.print(f"  {path}  [dim]{what}[/]")
     return 0
+
+
+def _create_tenant(data_dir: Path, name: str) -> str:
+    """A new tenant's API key, made as an operator makes one: `memsvc tenants create`."""
+    command = [sys.executable, "-m", "memsvc.cli", "tenants", "create", name, "--json"]
+    done = subprocess.run(
+        [*command, "--data-dir", str(data_dir)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout)["api_key"]
 
 
 def _progress(console: Console) -> Progress:

@@ -10,17 +10,20 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from memsvc.engine import StreamingEngine
-from memsvc.eval.niah import LengthResult, evaluate_length, parse_length
-from memsvc.eval.options import add_model_options, load_eval_model
-from memsvc.eval.probe import ProbeSpec
-from memsvc.model.io import model_hash
+from memsvc.eval.facts_cli import add_facts_parser
+from memsvc.eval.options import add_model_options, parse_length
+from memsvc.eval.suite import add_suite_parser
+from memsvc.eval.traffic_cli import add_traffic_parser
 from memsvc.train.haystack import HAYSTACKS
+
+if TYPE_CHECKING:
+    from memsvc.eval.niah import LengthResult
 
 
 def add_niah_parser(evals: argparse._SubParsersAction) -> None:
@@ -72,6 +75,12 @@ def run_niah(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.batch < 1:
         print("memsvc eval niah: --samples and --batch must be >= 1", file=sys.stderr)
         return 2
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.niah import evaluate_length
+    from memsvc.eval.options import load_eval_model
+    from memsvc.eval.probe import ProbeSpec
+    from memsvc.model.io import model_hash
+
     model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
     console = Console(stderr=True)
@@ -106,7 +115,7 @@ def run_niah(args: argparse.Namespace) -> int:
                 f"{row.tokens_per_s:,.0f} tok/s, peak RSS {row.peak_rss_mb:,.0f} MB"
             )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "task": args.task,
         "memory": not args.no_memory,
@@ -160,3 +169,11 @@ def _table(report: dict, rows: list[LengthResult]) -> Table:
             f"{row.peak_rss_mb:,.0f}",
         )
     return table
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    """`memsvc eval ...`: every evaluation's parser (none imports the model until it runs)."""
+    evaluate = commands.add_parser("eval", help="evaluations of a trained model")
+    evals = evaluate.add_subparsers(dest="eval", required=True)
+    for add in (add_niah_parser, add_facts_parser, add_traffic_parser, add_suite_parser):
+        add(evals)

@@ -14,17 +14,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from memsvc.engine import StreamingEngine
-from memsvc.eval.facts import FactCell, StreamStats, evaluate_cell, result_dicts, summarize
-from memsvc.eval.niah import parse_length
-from memsvc.eval.options import add_model_options, load_eval_model
-from memsvc.model.io import model_hash
+from memsvc.eval.options import add_model_options, parse_length
 from memsvc.train.haystack import HAYSTACKS
 from memsvc.train.phrasing import VALUE_KINDS
+
+if TYPE_CHECKING:
+    from memsvc.eval.facts import FactCell, StreamStats
 
 
 def _csv(parse):
@@ -109,6 +109,11 @@ def run_facts(args: argparse.Namespace) -> int:
     if any(args.revised > n for n in args.facts):
         print("memsvc eval facts: --revised must not exceed any --facts", file=sys.stderr)
         return 2
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.facts import FactCell, evaluate_cell, result_dicts, summarize
+    from memsvc.eval.options import load_eval_model
+    from memsvc.model.io import model_hash
+
     model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
     console = Console(stderr=True)
@@ -136,7 +141,7 @@ def run_facts(args: argparse.Namespace) -> int:
                             f"({row['updates_per_1k']:.1f} updates / 1k tokens)"
                         )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "memory": not args.no_memory,
         "memory_set": dict(args.memory_set),

@@ -56,16 +56,6 @@ class LengthResult:
         return asdict(self)
 
 
-def parse_length(text: str) -> int:
-    """'4096', '4k' (4096), '1m' (1048576)."""
-    text = text.strip().lower()
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
-    digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) == 0:
-        raise ValueError(f"bad length {text!r}: use a positive integer with an optional k or m")
-    return int(digits) * scale
-
-
 def evaluate_length(
     engine: StreamingEngine,
     spec: ProbeSpec,

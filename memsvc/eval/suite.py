@@ -20,14 +20,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memsvc.corpus import KINDS
-from memsvc.engine import StreamingEngine
-from memsvc.eval.facts import FactCell, evaluate_cell
-from memsvc.eval.niah import evaluate_length
-from memsvc.eval.options import add_model_options, load_eval_model
-from memsvc.eval.probe import ProbeSpec
-from memsvc.model.io import model_hash
+from memsvc.eval.options import add_model_options
+
+if TYPE_CHECKING:
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.facts import FactCell
 
 REAL = tuple(f"real:{kind}" for kind in KINDS)
 
@@ -44,6 +44,8 @@ class Row:
 
 
 def rows() -> list[Row]:
+    from memsvc.eval.facts import FactCell
+
     out = [
         Row("facts digits 8 @ 16k", 0.90, 8, FactCell("sentences", 16384, 8, ("digits",))),
         Row("facts digits 16 @ 64k", 0.80, 4, FactCell("sentences", 65536, 16, ("digits",))),
@@ -76,6 +78,10 @@ def _label(length: int) -> str:
 
 
 def run_row(engines: dict[bool, StreamingEngine], row: Row, samples: int) -> dict:
+    from memsvc.eval.facts import evaluate_cell
+    from memsvc.eval.niah import evaluate_length
+    from memsvc.eval.probe import ProbeSpec
+
     engine = engines[not row.no_memory]
     window = engine.model.config.window
     began = time.perf_counter()
@@ -128,11 +134,15 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.no_memory:
         print("memsvc eval suite: the suite runs its own no-memory row", file=sys.stderr)
         return 2
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.options import load_eval_model
+    from memsvc.model.io import model_hash
+
     model = load_eval_model(args)
     engines = {True: StreamingEngine(model), False: StreamingEngine(model, use_memory=False)}
     wanted = [w for w in args.rows.split(",") if w]
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "model_hash": model_hash(model),
+    report = {"model": str(args.model), "model_hash": model_hash(model),
               "memory_set": dict(args.memory_set), "scale": args.scale, "rows": []}  # fmt: skip
     for row in rows():
         if wanted and not any(w in row.name for w in wanted):

@@ -13,19 +13,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from memsvc.engine import StreamingEngine
-from memsvc.eval.calibration import calibrate
-from memsvc.eval.mitigation import recall_through
-from memsvc.eval.niah import parse_length
-from memsvc.eval.options import add_model_options, load_eval_model
-from memsvc.eval.traffic import STREAMS, run_stream, summarize_run
-from memsvc.model.io import model_hash
-from memsvc.obs.thresholds import (
-    CALIBRATION_FILE,
-    NORM_BOUND_FACTOR,
-    default_guard_config,
-    read_calibration,
-)
+from memsvc.eval.options import add_model_options, parse_length
+from memsvc.obs.thresholds import CALIBRATION_FILE, NORM_BOUND_FACTOR
 
 DEFAULT_STREAMS = (
     "sentences",
@@ -42,6 +31,8 @@ DEFAULT_STREAMS = (
 
 
 def _streams(text: str) -> list[str]:
+    from memsvc.eval.traffic import STREAMS  # parsing this flag means the model will run
+
     names = [x for x in text.split(",") if x]
     for name in names:
         if name not in STREAMS:
@@ -113,6 +104,14 @@ def run_traffic(args: argparse.Namespace) -> int:
     if args.piece < 1 or args.tokens <= args.piece:
         print("memsvc eval traffic: need 1 <= --piece < --tokens", file=sys.stderr)
         return 2
+    from memsvc.engine import StreamingEngine
+    from memsvc.eval.calibration import calibrate
+    from memsvc.eval.mitigation import recall_through
+    from memsvc.eval.options import load_eval_model
+    from memsvc.eval.traffic import run_stream, summarize_run
+    from memsvc.model.io import model_hash
+    from memsvc.obs.thresholds import default_guard_config, read_calibration
+
     model = load_eval_model(args)
     engine = StreamingEngine(model, use_memory=not args.no_memory)
     overrides = {"window_tokens": args.window_tokens}
@@ -155,7 +154,7 @@ def run_traffic(args: argparse.Namespace) -> int:
             flush=True,
         )
     report = {
-        "model": args.model,
+        "model": str(args.model),
         "model_hash": model_hash(model),
         "memory_set": dict(args.memory_set),
         "guard": asdict(guard),

@@ -16,7 +16,7 @@ UpdateRule = Literal["chunk", "delta"]
 class MemoryConfig:
     """Everything that defines a `NeuralMemory`, its state layout and its update.
 
-    The defaults reproduce the Titans equations (DESIGN.md section 2): MSE
+    The defaults reproduce the Titans equations (docs/ARCHITECTURE.md, "The memory"): MSE
     objective, L2 retention (learned forgetting), momentum SGD, gradients at the
     chunk-start weights, writes always applied (tau = 0).
     """
@@ -40,7 +40,7 @@ class MemoryConfig:
     max_momentum: float = 0.95
     max_forget: float = 0.5
     # Initial biases of the gate logits. Forgetting starts near zero: long-range
-    # recall dies otherwise (notes/trainability.md).
+    # recall dies otherwise (docs/TRAINING.md).
     step_bias: float = 1.0
     momentum_bias: float = 0.0
     forget_bias: float = -12.0

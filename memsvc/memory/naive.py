@@ -2,9 +2,9 @@
 
 Each chunk goes through the operation's own reference (`kernels.lmm.naive`: autograd
 per token; `kernels.delta_rule.naive`: the delta rule token by token), and the write
-gate runs stream by stream in plain Python, exactly as DESIGN.md section 2 writes
-it. They share only `NeuralMemory.project` (q, k, v and gates) with the fast path,
-and start from a fresh state.
+gate runs stream by stream in plain Python, exactly as docs/ARCHITECTURE.md ("The
+memory") writes it. They share only `NeuralMemory.project` (q, k, v and gates) with
+the fast path, and start from a fresh state.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the stream length: a 2M-token stream never meets a large position number.
 Persistent tokens have no position: they are scored with the unrotated
 query, so their scores do not depend on where a block happens to start.
 
-Short causal convolutions (notes/trainability.md, item 2): the query of t is
+Short causal convolutions (docs/TRAINING.md, item 2): the query of t is
 a depthwise convolution of the query projections of t-K+1 .. t; the key of t
 the same over the key projections of t-K .. t-1, with its taps initialised
 equal to the query's. So key s describes the context before s while value s

@@ -11,7 +11,7 @@ from memsvc.model.tokenizer import VOCAB_SIZE
 
 
 def default_memory(dim: int) -> MemoryConfig:
-    """The memory of the recipe that learned recall fastest (notes/trainability.md):
+    """The memory of the recipe that learned recall fastest (docs/TRAINING.md):
     a matrix memory per layer with the exact delta rule and lookahead keys."""
     return MemoryConfig(
         dim=dim,

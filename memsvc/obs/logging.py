@@ -8,6 +8,8 @@ import sys
 
 import structlog
 
+from memsvc.obs.capping import cap_log_values
+
 
 def _current_stderr(*_args: object) -> structlog.PrintLogger:
     """A logger on whatever sys.stderr is now: progress bars and test runners swap it."""
@@ -24,6 +26,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            cap_log_values,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,

@@ -5,7 +5,8 @@ resident sessions that streamed the most tokens since the previous poll
 (tokens/s from the change of each session's position), with their tier and
 memory health (writes per 1k tokens, norm, surprise; "-" where the server
 does not report it) and the guards' mitigation in force (step scale below 1,
-forget boost above 0; blank when none). The admin key comes from $MEMSVC_ADMIN_KEY, never a flag.
+forget boost above 0; blank when none). The admin key comes from --admin-key-file,
+--admin-key or $MEMSVC_ADMIN_KEY.
 
 Fetching, converting and rendering are separate so that the table is a pure
 function of the rows (`render_top`).
@@ -15,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -29,6 +28,7 @@ from rich.table import Table
 from memsvc.client.admin import AdminClient
 from memsvc.client.errors import MemsvcError
 from memsvc.proto.v1 import memsvc_pb2 as pb
+from memsvc.settings import resolve_admin_key
 
 _MISSING = "-"
 
@@ -175,25 +175,18 @@ def run_top(
     return 0
 
 
-def add_top_parser(commands: argparse._SubParsersAction) -> None:
-    top = commands.add_parser(
-        "top",
-        help="the hottest sessions of a node, live (admin key)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("--address", default=os.environ.get("MEMSVC_ADDRESS", "localhost:50051"))
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
-    top.add_argument("--limit", type=int, default=20, help="sessions shown")
-    top.add_argument("--tls", action="store_true", help="connect with TLS")
-    top.add_argument("--ca-cert", type=Path, help="PEM roots for a private CA (implies TLS)")
-    top.set_defaults(func=_top)
-
-
-def _top(args: argparse.Namespace) -> int:
-    key = os.environ.get("MEMSVC_ADMIN_KEY")
-    if not key:
-        print("memsvc top: set MEMSVC_ADMIN_KEY", file=sys.stderr)
+def run_top_command(args: argparse.Namespace) -> int:
+    """`memsvc top` (flags in memsvc/obs/top_cli.py): the admin key, then :func:`run_top`."""
+    try:
+        key = resolve_admin_key(args).value
+    except ValueError as error:
+        print(f"memsvc top: {error}", file=sys.stderr)
+        return 1
+    if key is None:
+        print(
+            "memsvc top: give the admin key: --admin-key-file, --admin-key or MEMSVC_ADMIN_KEY",
+            file=sys.stderr,
+        )
         return 1
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     try:

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memsvc.model.reference import REFERENCE_MODEL_DIR
 from memsvc.reliability.fuzz import MissingExtraError, require_hypothesis
+from memsvc.settings import MODEL_HELP, model_dir
 
 PARTS = ("load", "faults", "fuzz")
 # scenarios.FAULTS' keys, named here so that building the parser imports nothing heavy.
@@ -26,7 +26,7 @@ def add_reliability_parser(benches: argparse._SubParsersAction) -> None:
         help="load, faults (kill -9, Redis/PostgreSQL restart, full disk, ...) "
         "and fuzzed bad input on loopback clusters of private services",
     )
-    parser.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    parser.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     parser.add_argument("--workdir", type=Path, help="where clusters live (default: a temp dir)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
     parser.add_argument("--clients", type=int, default=64, help="load: concurrent clients")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from memsvc.obs.capping import capped
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server import convert
@@ -51,7 +52,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         resident = await asyncio.to_thread(self._manager.resident)
         owner = next((r.tenant_id for r in resident if r.session_id == request.session_id), None)
         if owner is None:
-            raise SessionNotFoundError(f"session {request.session_id} is not resident here")
+            raise SessionNotFoundError(f"session {capped(request.session_id)} is not resident here")
         await asyncio.to_thread(self._manager.evict, owner, request.session_id, tier)
         return pb.EvictSessionResponse()
 

@@ -83,6 +83,10 @@ def _bearer_key(context: grpc.aio.ServicerContext) -> str:
     values = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION]
     if not values:
         raise UnauthenticatedError("missing metadata 'authorization: Bearer <api key>'")
+    if len(values) > 1:  # which one would win is the proxy's choice, not ours: refuse both
+        raise UnauthenticatedError(
+            f"{len(values)} authorization metadata entries; send exactly one"
+        )
     value = values[0]
     if not isinstance(value, str) or not value.lower().startswith(_SCHEME):
         raise UnauthenticatedError("the authorization metadata must be 'Bearer <api key>'")

@@ -8,16 +8,18 @@ up is a `SetupError` whose message says what to do.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from memsvc.engine import StreamingEngine
-from memsvc.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 from memsvc.store import migrate
 from memsvc.store.database import Database, sqlite_url
 from memsvc.store.hot_state import HotStateTracker, InProcessHotStateTracker, RedisHotStateTracker
+
+if TYPE_CHECKING:
+    from memsvc.engine import StreamingEngine
 
 
 class SetupError(RuntimeError):
@@ -26,6 +28,9 @@ class SetupError(RuntimeError):
 
 def check_model_dir(model_dir: Path) -> None:
     """SetupError unless model_dir holds a model (config.json and model.safetensors)."""
+    # Imported here, as in load_engine: `memsvc tenants` opens the database without torch.
+    from memsvc.model.io import CONFIG_FILE, WEIGHTS_FILE
+
     if not all((model_dir / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
         raise SetupError(
             f"no model at {model_dir} (a directory with {CONFIG_FILE} and {WEIGHTS_FILE}): "
@@ -34,6 +39,9 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def load_engine(model_dir: Path, device: str = "cpu") -> StreamingEngine:
+    from memsvc.engine import StreamingEngine
+    from memsvc.model.io import load_model
+
     check_model_dir(model_dir)
     return StreamingEngine(load_model(model_dir, device))
 

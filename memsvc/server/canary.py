@@ -1,4 +1,4 @@
-"""The recall canary of a server (`memsvc serve --canary-interval`): `memsvc.obs.canary`
+"""The recall canary of a server (`memsvc serve --canary-interval`): `memsvc.eval.canary`
 against an internal tenant, through this server's own scheduler and session manager.
 
 The canary tenant (CANARY_TENANT) is created on first use and holds one
@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 
 from memsvc.engine import SamplingParams
-from memsvc.obs.canary import CanaryResult, RecallCanary, run_canary
+from memsvc.eval.canary import CanaryResult, RecallCanary, run_canary
 from memsvc.obs.metrics import ServiceMetrics
 from memsvc.server.guards import StreamGuards
 from memsvc.server.scheduler import Scheduler

@@ -1,12 +1,14 @@
 """`memsvc serve` and `memsvc tenants create`: the operator's side of the service.
 
-memsvc serve                                    # embedded: ./data, SQLite, reference model
+memsvc serve                                    # embedded: SQLite, reference model
 memsvc serve --database-url postgresql+psycopg://... --redis-url redis://...
 memsvc serve --metrics-port 9464 --canary-interval 300   # /metrics, a recall canary
+memsvc serve --admin-key-file /run/secrets/admin        # AdminService on
 memsvc tenants create acme                      # prints the tenant's API key, once
 
-Flags fall back on DATABASE_URL, REDIS_URL and MEMSVC_DATA_DIR; the admin key
-(AdminService) is read from MEMSVC_ADMIN_KEY only, so it never shows in `ps`.
+Flags fall back on DATABASE_URL, REDIS_URL, MEMSVC_DATA_DIR, MEMSVC_METRICS_PORT and
+MEMSVC_ADMIN_KEY. The data directory defaults to one per user (memsvc/settings.py), so
+`serve` and `tenants create` agree wherever they are run from; both print it at startup.
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ import socket
 import sys
 from pathlib import Path
 
-from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.settings import (
+    MODEL_HELP,
+    add_admin_key_flags,
+    add_data_dir_flag,
+    announce,
+    data_dir_line,
+    model_dir,
+    resolve_admin_key,
+)
 
-DEFAULT_DATA_DIR = "data"
-DEFAULT_METRICS_PORT = 9464  # Prometheus' conventional exporter port
+# Off unless asked for: a fixed default port made a second server on one host collide.
+METRICS_PORT_ENV = "MEMSVC_METRICS_PORT"
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
     """--data-dir and --database-url, shared by every command that opens the metadata store."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("MEMSVC_DATA_DIR", DEFAULT_DATA_DIR)),
-        help="checkpoints, logs and the embedded database ($MEMSVC_DATA_DIR, ./data)",
-    )
+    add_data_dir_flag(parser)
     parser.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL"),
@@ -48,7 +53,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--address", default="0.0.0.0:50051", help="host:port to listen on")
-    serve.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR, help="model directory")
+    serve.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
     add_store_flags(serve)
     serve.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="shared hot state ($REDIS_URL)"
@@ -78,10 +83,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("MEMSVC_METRICS_PORT", DEFAULT_METRICS_PORT)),
-        help="serve Prometheus /metrics on this port; 0: off "
-        f"($MEMSVC_METRICS_PORT, {DEFAULT_METRICS_PORT})",
+        default=int(os.environ.get(METRICS_PORT_ENV) or 0),
+        help=f"serve Prometheus /metrics on this port (9464 is the convention); 0: off "
+        f"(${METRICS_PORT_ENV})",
     )
+    add_admin_key_flags(serve)
     serve.add_argument(
         "--canary-interval",
         type=float,
@@ -138,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tune_allocator()
     try:
+        admin_key = resolve_admin_key(args)
         for path in (args.tls_cert, args.tls_key):
             if path is not None and not path.is_file():
                 raise SetupError(f"no such file: {path}")
@@ -145,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
             address=args.address,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
-            admin_key=os.environ.get("MEMSVC_ADMIN_KEY") or None,
+            admin_key=admin_key.value,
             max_message_bytes=args.max_message_bytes,
             max_tokens_per_request=args.max_tokens_per_request,
             shutdown_grace_s=args.shutdown_grace,
@@ -167,6 +174,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except (SetupError, ValueError) as error:
         print(f"memsvc serve: {error}", file=sys.stderr)
         return 2
+    for line in _startup_lines(args, admin_key.line("serve")):
+        announce(line)
     metrics = ServiceMetrics()
     manager = SessionManager(
         ManagerConfig(
@@ -198,11 +207,28 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _startup_lines(args: argparse.Namespace, admin_line: str) -> list[str]:
+    """What a newcomer needs to know before the first request: where, what, what is on."""
+    metrics = (
+        f"memsvc serve: metrics on port {args.metrics_port} (/metrics)"
+        if args.metrics_port
+        else "memsvc serve: metrics off (--metrics-port PORT to serve /metrics)"
+    )
+    return [
+        f"memsvc serve: gRPC on {args.address}, model {args.model}",
+        data_dir_line("serve", args.data_dir),
+        admin_line,
+        metrics,
+    ]
+
+
 def run_tenants_create(args: argparse.Namespace) -> int:
     from memsvc.server.backends import SetupError, open_database
     from memsvc.store import metadata
     from memsvc.store.errors import AlreadyExistsError
 
+    if args.database_url is None:
+        announce(data_dir_line("tenants create", args.data_dir))
     try:
         database = open_database(args.data_dir, args.database_url)
     except SetupError as error:

@@ -15,6 +15,7 @@ import grpc
 import structlog
 
 from memsvc.engine import SamplingParams
+from memsvc.obs.capping import capped
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.proto.v1 import memsvc_pb2_grpc as pb_grpc
 from memsvc.server import convert
@@ -119,7 +120,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if first.WhichOneof("op") != "open":
             raise InvalidRequestError("the first request of a stream must be `open`")
         session_id = first.open.session_id
-        structlog.contextvars.bind_contextvars(session=session_id)
+        structlog.contextvars.bind_contextvars(session=capped(session_id))
         await asyncio.to_thread(self._manager.prefetch, tenant.tenant_id, session_id)
         info = await asyncio.to_thread(self._manager.get, tenant.tenant_id, session_id)
         yield pb.StreamResponse(request_id=first.request_id, opened=convert.session(info))
@@ -198,7 +199,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def _caller(self, context: Context, session_id: str = "") -> Tenant:
         """The calling tenant; binds it (and the session) to every log line of this call."""
         tenant = await self._auth.tenant(context)
-        structlog.contextvars.bind_contextvars(tenant=tenant.tenant_id, session=session_id)
+        structlog.contextvars.bind_contextvars(tenant=tenant.tenant_id, session=capped(session_id))
         return tenant
 
     async def _append(

@@ -17,6 +17,7 @@ import grpc
 import structlog
 from sqlalchemy.exc import DataError, OperationalError
 
+from memsvc.obs.capping import MESSAGE_LIMIT, capped
 from memsvc.sessions.api import (
     CoordinationUnavailableError,
     IncompatibleStateError,
@@ -106,8 +107,11 @@ def rpc(method: F) -> F:
         if code is grpc.StatusCode.INTERNAL:
             log.exception("rpc_failed", method=name)
             await context.abort(code, f"internal error: {type(error).__name__}")
+        # A message may quote what the client sent (a session id of any length): capped.
         reason = (
-            "the server's disk is full; nothing was written" if disk_full(error) else str(error)
+            "the server's disk is full; nothing was written"
+            if disk_full(error)
+            else capped(str(error), MESSAGE_LIMIT)
         )
         log.info("rpc_refused", method=name, code=code.name, reason=reason)
         trailing: tuple[tuple[str, str], ...] = ()

@@ -152,7 +152,7 @@ def _metadata_of(fields: Mapping[str, str], checksum: str) -> dict[str, str]:
 def _safetensors_header(cpu: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The length prefix and JSON header of a safetensors file whose data follows in ``cpu``'s
     order (any order the offsets describe is valid), padded to 8 bytes as safetensors pads."""
-    entries: dict[str, object] = {"__metadata__": dict(metadata)}
+    entries: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name, tensor in cpu.items():
         if tensor.dtype not in _SAFETENSORS_DTYPES:
@@ -169,6 +169,21 @@ def _safetensors_header(cpu: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     return len(header).to_bytes(_HEADER_LENGTH_BYTES, "little") + header
 
 
+def _sorted_header(data: bytes) -> bytes:
+    """``data``, a safetensors file, with the keys of its JSON header sorted.
+
+    The library writes the metadata from a hash map, in an order that changes from
+    call to call, so two exports of one state differed byte for byte. The offsets and
+    the tensor bytes are untouched: only the header's text (and its padding) changes.
+    """
+    length = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
+    header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    body = data[_HEADER_LENGTH_BYTES + length :]
+    return len(text).to_bytes(_HEADER_LENGTH_BYTES, "little") + text + body
+
+
 def encode_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     *,
@@ -179,7 +194,8 @@ def encode_checkpoint(
 ) -> tuple[bytes, CheckpointHeader]:
     """The bytes of a checkpoint file holding ``tensors`` (moved to CPU), and its header.
 
-    Session exports are these bytes too (``memsvc.sessions.portable``).
+    Session exports are these bytes too (``memsvc.sessions.portable``): the same state
+    gives the same bytes, the header's keys sorted.
     """
     cpu = _on_cpu(tensors)
     fields = _fields(FORMAT_VERSION, model_hash, config_hash, position, wal_offset)
@@ -187,7 +203,8 @@ def encode_checkpoint(
     header = CheckpointHeader(
         FORMAT_VERSION, model_hash, config_hash, position, wal_offset, checksum
     )
-    return safetensors.torch.save(cpu, metadata=_metadata_of(fields, checksum)), header
+    data = safetensors.torch.save(cpu, metadata=_metadata_of(fields, checksum))
+    return _sorted_header(data), header
 
 
 def write_checkpoint(

@@ -1,6 +1,6 @@
 """`memsvc db upgrade`: migrates the metadata database to the newest schema (Alembic).
 
-memsvc db upgrade                                  # the embedded SQLite file in ./data
+memsvc db upgrade                                  # the embedded SQLite file in the data directory
 memsvc db upgrade --data-dir /var/lib/memsvc       # ... in another data directory
 memsvc db upgrade --database-url postgresql+psycopg://memsvc@db.internal/memsvc
 """
@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import structlog
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
-from memsvc.store.database import sqlite_url
-from memsvc.store.migrate import current_revision, head_revision, upgrade
+from memsvc.settings import add_data_dir_flag, announce, data_dir_line
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_DATA_DIR = Path("data")
 
 
 def add_db_parser(commands: argparse._SubParsersAction) -> None:
@@ -36,20 +30,23 @@ def add_db_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--database-url", help="SQLAlchemy URL (default: the SQLite file in --data-dir)"
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help=f"data directory of the embedded database ({DEFAULT_DATA_DIR})",
-    )
+    add_data_dir_flag(parser)
     parser.set_defaults(func=run_upgrade)
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
     """Migrates to head and prints the revisions before and after; 2 if unreachable."""
+    # SQLAlchemy and Alembic take seconds to import: not for `memsvc ... --help`.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from memsvc.store.database import sqlite_url
+    from memsvc.store.migrate import current_revision, head_revision, upgrade
+
     if args.database_url:
         url = args.database_url
     else:
+        announce(data_dir_line("db upgrade", args.data_dir))
         args.data_dir.mkdir(parents=True, exist_ok=True)
         url = sqlite_url(args.data_dir)
     shown = make_url(url).render_as_string(hide_password=True)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL
 
 from memsvc.store.database import create_engine_for
 
-# The Alembic environment lives at the repository root (see DESIGN.md, layout). A
+# The Alembic environment lives at the repository root (migrations/). A
 # checkout or an editable install finds it there; a wheel installs it as data files
 # under <prefix>/share/memsvc/migrations (pyproject.toml, [tool.setuptools.data-files]).
 SOURCE_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"

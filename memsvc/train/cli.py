@@ -21,23 +21,16 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
-import torch
 
-from memsvc.model.io import load_config
+from memsvc.commands import CommandParser
 from memsvc.obs.logging import configure_logging
-from memsvc.train.distributed import Distributed
-from memsvc.train.progress import ProgressBar
-from memsvc.train.recipe import (
-    CURRICULA,
-    MEMORY_KINDS,
-    PRESETS,
-    TrainRecipe,
-    curriculum,
-    model_config,
-)
-from memsvc.train.trainer import Trainer, TrainingDivergedError
+from memsvc.train.choices import CURRICULA, MEMORY_KINDS, PRESETS
+
+if TYPE_CHECKING:
+    from memsvc.train.recipe import TrainRecipe
 
 # Recipe options: the checkpoint fixes them on --resume.
 _RECIPE_OPTIONS = (
@@ -57,7 +50,7 @@ _RECIPE_OPTIONS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="memsvc train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
+    from memsvc.train.recipe import TrainRecipe, curriculum
+
     overrides = {
         "seed": args.seed,
         "init_from": args.init_from,
@@ -164,6 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if fixed:
             parser.error(f"{', '.join(fixed)}: fixed by the checkpoint when resuming")
+    # Imported once the arguments are known to be good: `--help` needs none of this.
+    import torch
+
+    from memsvc.model.io import load_config
+    from memsvc.train.distributed import Distributed
+    from memsvc.train.progress import ProgressBar
+    from memsvc.train.recipe import model_config
+    from memsvc.train.trainer import Trainer, TrainingDivergedError
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

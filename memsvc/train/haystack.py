@@ -1,8 +1,8 @@
 """Haystack text for the recall tasks: repeated, random-word, random-sentence and real text.
 
 Two sentence generators with disjoint words and templates: TRAIN_VOCAB for
-training and HELDOUT_VOCAB, never trained on, for evaluation (the third
-experiment in notes/trainability.md: a model that learned one filler must be
+training and HELDOUT_VOCAB, never trained on, for evaluation (docs/TRAINING.md,
+"What is written decides what is recalled": a model that learned one filler must be
 tested on another). Distractor sentences carry random numbers shaped like the
 answers, so "remember every digit" is not a shortcut.
 

@@ -3,7 +3,7 @@
 Every knob of a run that changes what the model learns lives in `TrainRecipe`
 (one frozen dataclass, stored in each checkpoint so a resume continues the
 same run). The defaults are the recipe that learned recall in
-notes/trainability.md: AdamW at 2e-3, answer loss + 0.3 x next-byte loss,
+docs/TRAINING.md: AdamW at 2e-3, answer loss + 0.3 x next-byte loss,
 gate and convolution parameters at 5x the learning rate, the in-window
 warm-up first.
 """
@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
@@ -23,6 +23,7 @@ from memsvc.memory import MemoryConfig
 from memsvc.model import ModelConfig
 from memsvc.model.config import default_memory
 from memsvc.model.tokenizer import VOCAB_SIZE
+from memsvc.train.choices import CURRICULA, MEMORY_KINDS, PRESETS, MemoryKind
 from memsvc.train.tasks import (
     Stage,
     long_context_curriculum,
@@ -30,12 +31,7 @@ from memsvc.train.tasks import (
     reference_curriculum,
 )
 
-MemoryKind = Literal["delta", "mlp", "deep2", "deep4"]
-MEMORY_KINDS: tuple[MemoryKind, ...] = ("delta", "mlp", "deep2", "deep4")
-PRESETS = ("tiny", "reference")
-CURRICULA = ("reference", "long", "recall")
-
-# Parameters that train at `fast_lr_mult` x the learning rate (notes/trainability.md,
+# Parameters that train at `fast_lr_mult` x the learning rate (docs/TRAINING.md,
 # item 4): the memory's gates and convolutions and the attention's q/k convolutions.
 FAST_PARAMETERS = ("to_gates", "conv_weight", "query_conv", "key_conv")
 

@@ -344,7 +344,7 @@ class Stage:
 
 
 def reference_curriculum(window: int = 128, tokens_per_step: int = 8192) -> tuple[Stage, ...]:
-    """The recipe that learned recall in notes/trainability.md: an in-window warm-up first
+    """The recipe that learned recall in docs/TRAINING.md: an in-window warm-up first
     (the copy circuit forms there), then needles beyond the window at growing lengths,
     then varied haystacks with distractors so "write every digit" stops paying."""
 

@@ -8,7 +8,7 @@ uninterrupted run would have seen; with the weights, the optimizer, the
 `TrainState` and the RNG states restored from a checkpoint it continues
 bit for bit.
 
-Guarding (notes/trainability.md: skipping NaN steps alone loses the run once
+Guarding (docs/TRAINING.md: skipping NaN steps alone loses the run once
 the weights reach a state that blows up every batch): a step whose loss or
 gradient is not finite, or whose loss jumps far above its recent average, is
 skipped; `max_bad_steps` in a row roll the run back to the last checkpoint and

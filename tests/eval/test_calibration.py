@@ -52,7 +52,7 @@ def test_the_rule_takes_the_text_maxima_with_the_margin_and_ignores_adversaries(
 
 
 def test_a_model_without_calibration_keeps_the_default_bound(tmp_path: Path):
-    from memsvc.model.reference import REFERENCE_MODEL_DIR
+    from memsvc.settings import REFERENCE_MODEL_DIR
 
     engine = StreamingEngine(load_model(REFERENCE_MODEL_DIR))
     assert read_calibration(tmp_path) == {} and fresh_memory_norm(engine) > 0
@@ -61,7 +61,7 @@ def test_a_model_without_calibration_keeps_the_default_bound(tmp_path: Path):
 
 
 def test_cli_calibrates_on_training_text_and_the_model_dir_serves_it(tmp_path: Path):
-    from memsvc.model.reference import REFERENCE_MODEL_DIR
+    from memsvc.settings import REFERENCE_MODEL_DIR
 
     model_dir = tmp_path / "model"
     shutil.copytree(REFERENCE_MODEL_DIR, model_dir)

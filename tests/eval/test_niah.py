@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from memsvc.engine import StreamingEngine
-from memsvc.eval.niah import evaluate_length, parse_length
+from memsvc.eval.niah import evaluate_length
+from memsvc.eval.options import parse_length
 from memsvc.eval.probe import ProbeSpec, make_probe
 from tests.engine.conftest import tiny_model
 

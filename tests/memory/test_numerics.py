@@ -40,7 +40,7 @@ def test_a_million_random_tokens_stay_finite() -> None:
 
 def test_the_plain_update_diverges_and_is_reported() -> None:
     """Without the normalised step and the update cap the chunked MLP update blows up
-    (notes/trainability.md); the memory must say which state went bad."""
+    (docs/TRAINING.md); the memory must say which state went bad."""
     torch.manual_seed(0)
     cfg = MemoryConfig(
         dim=16, heads=1, depth=2, chunk_size=64, step_bias=4.0, momentum_bias=3.0,

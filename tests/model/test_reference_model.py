@@ -3,17 +3,24 @@ its attention window at 4k tokens (streamed through the engine as a user would).
 
 from __future__ import annotations
 
+import pytest
+
 from memsvc.engine import StreamingEngine
 from memsvc.eval.niah import evaluate_length
 from memsvc.eval.probe import ProbeSpec
-from memsvc.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
-from memsvc.model.reference import REFERENCE_MODEL_DIR
+from memsvc.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model, model_hash
+from memsvc.settings import REFERENCE_MODEL_DIR, SHIPPED_MODELS, model_dir
 
 
-def test_reference_model_ships_under_25_mb() -> None:
-    size = sum((REFERENCE_MODEL_DIR / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
+@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
+def test_every_shipped_model_is_under_25_mb_with_its_card_and_loads(name: str) -> None:
+    directory = model_dir(name)
+    size = sum((directory / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
     assert size <= 25 * 1024 * 1024
-    assert (REFERENCE_MODEL_DIR / "MODEL_CARD.md").is_file()
+    assert (directory / "MODEL_CARD.md").is_file()
+    card = (directory / "MODEL_CARD.md").read_text()
+    assert model_hash(directory) in card  # the card names the hash sessions pin
+    load_model(directory)
 
 
 def test_reference_model_answers_4k_passkey_probes() -> None:

@@ -15,7 +15,7 @@ PIECE = 64  # tokens per append
 
 # Chunked MLP memory with a step size far above what keeps it stable, and no cap on
 # one chunk's update: on random tokens its norm grows by a factor of about 4 per 128
-# tokens until it is no longer finite (notes/trainability.md).
+# tokens until it is no longer finite (docs/TRAINING.md).
 UNSTABLE = MemoryConfig(
     dim=32, heads=1, depth=2, chunk_size=64, update_rule="chunk", max_step=5.0,
     max_update_norm=None,

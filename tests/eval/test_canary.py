@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from memsvc.engine import SamplingParams, StreamingEngine
+from memsvc.eval.canary import CanaryResult, RecallCanary, canary_facts, run_canary
 from memsvc.model import ModelState
 from memsvc.model.tokenizer import BOS_ID, EOS_ID, QUERY_ID, decode, encode
-from memsvc.obs.canary import CanaryResult, RecallCanary, canary_facts, run_canary
 from memsvc.obs.metrics import ServiceMetrics
 from tests.engine.conftest import tiny_model
 

@@ -1,0 +1,1 @@
+from tests.server.harness import model_dir  # noqa: F401
