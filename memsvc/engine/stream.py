@@ -93,7 +93,7 @@ class StreamingEngine:
     def append(self, state: ModelState, tokens: Tokens) -> tuple[ModelState, AppendStats]:
         """Feed a 1-D token list to one stream; returns its new state and stats."""
         _check_single(state)
-        ids = self._as_tokens(tokens)
+        ids = self.as_tokens(tokens)
         last_logits = None
         for start in range(0, len(ids), self.max_segment):
             logits, state = self._forward(ids[None, start : start + self.max_segment], state)
@@ -109,7 +109,7 @@ class StreamingEngine:
             raise ValueError(f"{len(states)} states but {len(tokens)} token lists")
         for state in states:
             _check_single(state)
-        ids = [self._as_tokens(t) for t in tokens]
+        ids = [self.as_tokens(t) for t in tokens]
         current = list(states)
         done = [0] * len(ids)
         last_logits: list[Tensor | None] = [None] * len(ids)
@@ -133,7 +133,7 @@ class StreamingEngine:
     ) -> Generation:
         """Append the prompt, then sample token by token (see `Generation`)."""
         _check_single(state)
-        prompt = self._as_tokens(prompt_tokens)
+        prompt = self.as_tokens(prompt_tokens)
         if len(prompt) == 0:
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         return Generation(self, state, prompt, params)
@@ -155,13 +155,31 @@ class StreamingEngine:
             )
         if not states:
             raise ValueError("decode_batch needs at least one session")
-        ids = [self._as_tokens(p) for p in prompts]
+        ids = [self.as_tokens(p) for p in prompts]
         if any(len(p) == 0 for p in ids):
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         appended = self.step_batch(states, ids)
         decoder = Decoder(self.model, [s for s, _ in appended], self.use_memory)
         logits = torch.stack([stats.last_logits for _, stats in appended])  # (B, V)
         return DecodeBatch(decoder, logits, per_session)
+
+    def as_tokens(self, tokens: Tokens) -> Tensor:
+        """A 1-D int64 tensor on the model's device, every id inside the vocabulary; ValueError
+        otherwise. Every call checks its tokens with it; the session layer checks a request's
+        tokens with it before anything changes."""
+        if torch.is_tensor(tokens):
+            ids = tokens
+        else:  # no dtype given, so floats and bools show as such instead of being cast
+            ids = torch.tensor(list(tokens)) if len(tokens) else torch.zeros(0, dtype=torch.int64)
+        if ids.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"tokens must be integers, got {ids.dtype}")
+        vocab = self.model.config.vocab_size
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        return ids.to(self.device, torch.int64)
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -188,22 +206,6 @@ class StreamingEngine:
             length = min(remaining[i] - remaining[i] % c for i in whole)
             batches.append((min(length, self.max_segment), whole))
         return batches
-
-    def _as_tokens(self, tokens: Tokens) -> Tensor:
-        """A 1-D int64 tensor on the model's device, every id inside the vocabulary."""
-        if torch.is_tensor(tokens):
-            ids = tokens
-        else:  # no dtype given, so floats and bools show as such instead of being cast
-            ids = torch.tensor(list(tokens)) if len(tokens) else torch.zeros(0, dtype=torch.int64)
-        if ids.dim() != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"tokens must be integers, got {ids.dtype}")
-        vocab = self.model.config.vocab_size
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            bad = ids[(ids < 0) | (ids >= vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
-        return ids.to(self.device, torch.int64)
 
 
 class Generation:

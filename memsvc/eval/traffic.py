@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from memsvc.engine import AppendStats, StreamingEngine
+from memsvc.memory import NonFiniteStateError
 from memsvc.model.model import ModelState
 from memsvc.model.tokenizer import BOS_ID
 from memsvc.obs.guard import GuardConfig, GuardSample, SessionGuard, byte_histogram
@@ -89,7 +90,12 @@ def run_stream(
         engine, state, source, tokens - 1, guard, piece=piece
     )
     return TrafficRun(
-        stream, samples[-1].position, seconds, stats.memory_norm, samples, mitigations
+        stream,
+        samples[-1].position if samples else 1,
+        seconds,
+        stats.memory_norm,
+        samples,
+        mitigations,
     )
 
 
@@ -104,8 +110,9 @@ def stream_guarded(
 ) -> tuple[ModelState, tuple[TrafficSample, ...], tuple[dict, ...], float]:
     """Append `tokens` bytes of `source` to `state` in pieces, a `SessionGuard` watching as
     the server's does (from one window into the stream) and its mitigations applied;
-    `guard` None: unguarded. Returns the state, the samples, the mitigations and the
-    seconds spent appending."""
+    `guard` None: unguarded. An append that leaves the memory non-finite (the server
+    rolls the session back and refuses it) ends the stream with a "non_finite" entry.
+    Returns the state, the samples, the mitigations and the seconds spent appending."""
     watcher = None if guard is None else SessionGuard(guard)
     samples: list[TrafficSample] = []
     mitigations: list[dict] = []
@@ -119,7 +126,11 @@ def stream_guarded(
         ids = torch.tensor(list(pending[:n]), dtype=torch.int64)
         del pending[:n]
         began = time.perf_counter()
-        state, stats = engine.append(state, ids)
+        try:
+            state, stats = engine.append(state, ids)
+        except NonFiniteStateError:  # what the server rolls back and refuses; the stream ends
+            mitigations.append({"kind": "non_finite", "position": position + n})
+            break
         seconds += time.perf_counter() - began
         position = stats.position
         if watcher is None:
@@ -178,6 +189,12 @@ def summarize_run(run: TrafficRun, window: int) -> dict:
     """The distributions of one stream, as the guard bounds are set from them."""
     after = [s for s in run.samples if s.position >= window]  # past the warm-up
     ratios = [s.memory_norm / max(run.fresh_norm, 1e-12) for s in after]
+    if not run.samples:  # the first append already went non-finite
+        return {"stream": run.stream, "tokens": run.tokens, "tokens_per_s": 0,
+                "fresh_norm": run.fresh_norm, "norm_ratio": {}, "norm_growth_per_window": {},
+                "surprise_ema": {}, "input_entropy": {}, "updates_per_1k": 0.0,
+                "write_share": 0.0, "mitigations": list(run.mitigations),
+                "first_mitigation_at": run.mitigations[0]["position"]}  # fmt: skip
     first, last = run.samples[0], run.samples[-1]
     applied = last.writes_applied - first.writes_applied
     skipped = last.writes_skipped - first.writes_skipped

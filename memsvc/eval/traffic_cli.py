@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from memsvc.eval.options import add_model_options, parse_length
@@ -79,7 +80,7 @@ def add_traffic_parser(evals: argparse._SubParsersAction) -> None:
         "--calibrate",
         type=Path,
         help=f"write guard thresholds measured on these streams here (a model's "
-        f"{CALIBRATION_FILE}; use --split train)",
+        f"{CALIBRATION_FILE}; use --split train); the norm guards stay off meanwhile",
     )
     traffic.add_argument(
         "--window-tokens", type=int, default=4096, help="the guards' window (4096)"
@@ -121,6 +122,8 @@ def run_traffic(args: argparse.Namespace) -> int:
     if args.norm_bound_factor is not None:
         calibration["norm_bound_factor"] = args.norm_bound_factor
     guard = default_guard_config(engine, calibration, **overrides)
+    if args.calibrate:  # measure the model as it is: no mitigation may bend the trajectories
+        guard = replace(guard, norm_bound=math.inf, max_norm_growth=math.inf)
     runs, summaries = [], []
     for stream in args.streams:
         try:

@@ -21,6 +21,7 @@ from memsvc.client import MemoryClient
 from memsvc.client.errors import MemsvcError
 from memsvc.client.retry import RetryPolicy
 from memsvc.client.sync import Session
+from memsvc.sessions.config import MAX_TOKENS_PER_APPEND
 
 # Rides out a replica's death and a lease's expiry, then gives up (and reports it).
 WRITER_RETRY = RetryPolicy(attempts=40, initial_backoff_s=0.05, max_backoff_s=1.0)
@@ -197,7 +198,7 @@ def verify(
     records: Sequence[WriterRecord],
     *,
     check_states: int = 4,
-    max_tokens_per_request: int = 1 << 20,
+    max_tokens_per_request: int = MAX_TOKENS_PER_APPEND,
 ) -> Verdict:
     """Each session against its record: positions for all, states for the first
     ``check_states`` (a greedy answer and the memory's statistics, vs a reference)."""

@@ -63,7 +63,6 @@ class ServerConfig:
     tls_key: Path | None = None
     admin_key: str | None = None  # None: AdminService refuses every call
     max_message_bytes: int = 4 << 20
-    max_tokens_per_request: int = 1 << 20
     shutdown_grace_s: float = 10.0
     auth_cache_ttl_s: float = 30.0
     # Pings keep long idle streams alive through proxies and find dead peers.
@@ -119,7 +118,9 @@ class MemoryServer:
         self._database = database
         self._manager = manager
         self._auth = Authenticator(database, config.admin_key, config.auth_cache_ttl_s)
-        self._limits = Limits(vocab_size, config.max_message_bytes, config.max_tokens_per_request)
+        # One limit on a request's tokens: the manager's (ManagerConfig.max_tokens_per_append).
+        most_tokens = manager.config.max_tokens_per_append
+        self._limits = Limits(vocab_size, config.max_message_bytes, most_tokens)
         self._health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
         self.scheduler: Scheduler | None = None  # runs the model work; set by start()

@@ -21,6 +21,8 @@ import socket
 import sys
 from pathlib import Path
 
+from memsvc.sessions.config import MAX_TOKENS_PER_APPEND
+from memsvc.sessions.ownership import DEFAULT_LEASE_TTL_MS
 from memsvc.settings import (
     MODEL_HELP,
     add_admin_key_flags,
@@ -68,13 +70,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--lease-ttl-ms",
         type=int,
-        default=10_000,
+        default=DEFAULT_LEASE_TTL_MS,
         help="session lease TTL: how long a dead replica's sessions wait to move",
     )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS with --tls-key)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key")
     serve.add_argument("--max-message-bytes", type=int, default=4 << 20)
-    serve.add_argument("--max-tokens-per-request", type=int, default=1 << 20)
+    serve.add_argument("--max-tokens-per-request", type=int, default=MAX_TOKENS_PER_APPEND)
     serve.add_argument("--device-budget-mb", type=int, default=2048, help="resident state bytes")
     serve.add_argument("--checkpoint-every-tokens", type=int, default=65536)
     serve.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds (SIGTERM)")
@@ -154,7 +156,6 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             admin_key=admin_key.value,
             max_message_bytes=args.max_message_bytes,
-            max_tokens_per_request=args.max_tokens_per_request,
             shutdown_grace_s=args.shutdown_grace,
             metrics_port=args.metrics_port,
             canary_interval_s=args.canary_interval,

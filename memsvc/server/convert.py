@@ -56,7 +56,7 @@ def query_answer(tokens: list[int]) -> pb.QueryAnswer:
 def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
     return pb.CheckpointInfo(
         session_id=info.session_id,
-        generation=info.generation,
+        generation=info.sequence,  # the proto field keeps its first name
         position=info.position,
         size_bytes=info.size_bytes,
         checksum=info.checksum,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.server.auth import Tenant
 from memsvc.sessions.api import InvalidRequestError, QuotaExceededError
+from memsvc.sessions.config import MAX_TOKENS_PER_APPEND
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Limits:
 
     vocab_size: int
     max_message_bytes: int = 4 << 20
-    max_tokens_per_request: int = 1 << 20
+    max_tokens_per_request: int = MAX_TOKENS_PER_APPEND
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1 or self.max_message_bytes < 1 or self.max_tokens_per_request < 1:

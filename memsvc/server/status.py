@@ -27,6 +27,7 @@ from memsvc.sessions.api import (
     QuotaExceededError,
     SessionBusyError,
     SessionMovedError,
+    StateRolledBackError,
 )
 from memsvc.store.errors import NotFoundError
 from memsvc.wire import OWNER_METADATA, POSITION_METADATA
@@ -61,6 +62,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (SessionBusyError, grpc.StatusCode.ABORTED),
     (IncompatibleStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (PositionConflictError, grpc.StatusCode.FAILED_PRECONDITION),  # with POSITION_METADATA
+    (StateRolledBackError, grpc.StatusCode.FAILED_PRECONDITION),  # refused; rolled back
     (ManagerClosedError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -10,6 +10,7 @@ server (`memsvc.server`) maps the errors to status codes:
     CoordinationUnavailableError  UNAVAILABLE      (a SessionBusyError: Redis is unreachable)
     IncompatibleStateError    FAILED_PRECONDITION  (export of another model / format)
     ManagerClosedError        UNAVAILABLE          (shutting down)
+    StateRolledBackError      FAILED_PRECONDITION  (the update went non-finite; rolled back)
 
 Every call is scoped by tenant: a session of another tenant is reported
 exactly like a missing one.
@@ -39,6 +40,7 @@ __all__ = [
     "SessionInfo",
     "SessionNotFoundError",
     "SessionObserver",
+    "StateRolledBackError",
     "Tier",
 ]
 
@@ -89,6 +91,16 @@ class ManagerClosedError(Exception):
     """The manager is shutting down or closed."""
 
 
+class StateRolledBackError(Exception):
+    """The request's update made the session's memory state non-finite: it was refused, and
+    the session rolled back to its last finite state at ``position`` (every acknowledged
+    token). Sending the same input again may fail again; mitigate or send other input."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """A session as a client sees it."""
@@ -122,8 +134,11 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """One recorded checkpoint. ``sequence`` numbers a session's checkpoints (1, 2, ...); the
+    SQL column and the proto field keep their first name, "generation", for compatibility."""
+
     session_id: str
-    generation: int
+    sequence: int
     position: int
     wal_offset: int
     path: str
@@ -197,3 +212,6 @@ class SessionObserver(Protocol):
 
     def observe_wal_sync(self, seconds: float) -> None:
         """One fsync of a session's write-ahead log (acknowledging its appends)."""
+
+    def count_rollback(self) -> None:
+        """A session's non-finite update was refused and the session rolled back."""

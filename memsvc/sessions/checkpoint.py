@@ -5,7 +5,7 @@ hash, config hash, stream position, WAL offset, and a checksum. The checksum is
 a SHA-256 over the other header fields and every tensor's name, dtype, shape
 and bytes, so a flipped bit anywhere that matters (a position digit included)
 is caught; a cut-off file fails to parse. Either way reading raises
-CorruptCheckpointError, and restore falls back to the previous generation
+CorruptCheckpointError, and restore falls back to the previous checkpoint
 (``newest_valid_checkpoint``).
 
 A file is written to a temporary name in its directory, fsynced, renamed into
@@ -365,7 +365,7 @@ def newest_valid_checkpoint(
 
 
 class CheckpointDirectory:
-    """One session's checkpoint files, ``ckpt-<generation>.safetensors``, in one directory.
+    """One session's checkpoint files, ``ckpt-<sequence>.safetensors``, in one directory.
 
     One writer at a time (the lease holder); readers may run beside it.
     """
@@ -375,14 +375,14 @@ class CheckpointDirectory:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def path_for(self, generation: int) -> Path:
-        """Where generation ``generation`` is (or will be) stored."""
-        if generation < 0:
-            raise ValueError(f"generation must be non-negative, got {generation}")
-        return self.directory / f"ckpt-{generation:012d}.safetensors"
+    def path_for(self, sequence: int) -> Path:
+        """Where checkpoint ``sequence`` is (or will be) stored."""
+        if sequence < 0:
+            raise ValueError(f"sequence must be non-negative, got {sequence}")
+        return self.directory / f"ckpt-{sequence:012d}.safetensors"
 
-    def generations(self) -> list[int]:
-        """The generations on disk, newest first."""
+    def sequences(self) -> list[int]:
+        """The checkpoint numbers on disk, newest first."""
         if not self.directory.is_dir():
             return []
         found = (self._NAME.fullmatch(entry.name) for entry in self.directory.iterdir())
@@ -390,7 +390,7 @@ class CheckpointDirectory:
 
     def write(
         self,
-        generation: int,
+        sequence: int,
         tensors: Mapping[str, torch.Tensor],
         *,
         model_hash: str,
@@ -398,12 +398,12 @@ class CheckpointDirectory:
         position: int,
         wal_offset: int,
     ) -> WrittenCheckpoint:
-        """Writes a generation (see write_checkpoint); creates the directory durably."""
+        """Writes checkpoint ``sequence`` (see write_checkpoint); creates the directory durably."""
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             fsync_directory(self.directory.parent)
         return write_checkpoint(
-            self.path_for(generation),
+            self.path_for(sequence),
             tensors,
             model_hash=model_hash,
             config_hash=config_hash,
@@ -418,19 +418,19 @@ class CheckpointDirectory:
         config_hash: str | None = None,
         on_rejected: Callable[[Path, CheckpointError | OSError], None] | None = None,
     ) -> Checkpoint | None:
-        """The newest generation on disk that verifies (see newest_valid_checkpoint)."""
+        """The newest checkpoint on disk that verifies (see newest_valid_checkpoint)."""
         return newest_valid_checkpoint(
-            (self.path_for(generation) for generation in self.generations()),
+            (self.path_for(sequence) for sequence in self.sequences()),
             model_hash=model_hash,
             config_hash=config_hash,
             on_rejected=on_rejected,
         )
 
     def prune(self, keep: int) -> list[Path]:
-        """Deletes all but the ``keep`` (>= 1) newest generations; returns the deleted files."""
+        """Deletes all but the ``keep`` (>= 1) newest checkpoints; returns the deleted files."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
-        removed = [self.path_for(generation) for generation in self.generations()[keep:]]
+        removed = [self.path_for(sequence) for sequence in self.sequences()[keep:]]
         for path in removed:
             path.unlink(missing_ok=True)
         if removed:

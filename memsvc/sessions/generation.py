@@ -6,7 +6,9 @@ seen becomes part of the stream: when the iterator is exhausted, the prompt
 and every yielded token are appended, logged and durable before
 StopIteration; when it is closed early, the prompt and the tokens yielded so
 far are. An iterator dropped without being closed is closed when it is
-garbage-collected (with a warning): the session's lock must not leak.
+garbage-collected (with a warning): the session's lock must not leak. A
+step whose update goes non-finite ends it with the error ``roll_back`` gives
+(the session rolled back, nothing committed).
 One consumer at a time; each call may come from a different thread.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from memsvc.engine import Generation
+from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 
 log = structlog.get_logger(__name__)
@@ -35,11 +38,13 @@ class SessionGeneration(Iterator[int]):
         generation: Generation,
         commit: Commit,
         release: Callable[[], None],
+        roll_back: Callable[[NonFiniteStateError], Exception],
     ) -> None:
         self.session_id = session_id
         self._generation = generation
         self._commit = commit
         self._release = release
+        self._roll_back = roll_back
         self._yielded: list[int] = []
         self._done = False
 
@@ -59,6 +64,12 @@ class SessionGeneration(Iterator[int]):
         except StopIteration:
             self._finish(self._generation.state)
             raise
+        except NonFiniteStateError as error:
+            self._done = True
+            try:
+                raise self._roll_back(error) from error  # under the session's lock
+            finally:
+                self._release()
         except BaseException:
             self._done = True
             self._release()

@@ -1,5 +1,10 @@
 """`SessionManager`: the session layer the server calls (create, append, generate, evict, ...).
 
+A facade: it resolves a call's session (``LiveSession``, ``live.py``), holds
+it, and delegates; residency moves live in ``residency.py``, batched appends
+in ``batch.py``, the maintenance thread in ``maintenance.py``, the files and
+SQL rows in ``durability.py`` (``SessionRepository``, their one owner).
+
 Threads. Every method is synchronous and thread-safe: the gRPC server calls
 them from worker threads. Each session has a lock, so one call at a time
 steps, checkpoints or moves it; a generation holds it until its iterator is
@@ -15,8 +20,8 @@ Durability. An append returns once its tokens are in the session's
 write-ahead log and fsynced. Checkpoints are written every
 ``checkpoint_every_tokens`` tokens (after the append that crosses the mark)
 and, by a maintenance thread, ``checkpoint_every_seconds`` after the last
-one if tokens came since; ``keep_checkpoints`` generations are kept. See
-``durability.py`` and ``restore.py``.
+one if tokens came since (``maintenance.py``); the newest ``keep_checkpoints``
+checkpoints are kept. See ``live.py``, ``durability.py`` and ``restore.py``.
 
 Residency. A state is restored to the device on first touch (or by
 ``prefetch``). Admitting it to a full tier moves the least recently used
@@ -33,6 +38,13 @@ under a lease still held continues; hot state is published best effort
 retries a refused connection with backoff (seconds, by default) and every
 call that touches Redis waits for it.
 
+Rollback. An update that makes a session's memory state non-finite (an
+append, a batched append, a generation, a query) is refused with
+StateRolledBackError and never logged; the session keeps its last finite
+state (restored from disk if the one in memory is damaged:
+``LiveSession.roll_back``), and the rollback is recorded as a ROLLBACK event
+and counted. In a batched step the other sessions are stepped alone and go on.
+
 Mitigation. ``mitigate`` sets a session's memory knobs (step scale, forget
 boost: ``ModelState.with_mitigation``); they are part of the state, so the
 session is checkpointed at once and a restart keeps them (see ``mitigate``).
@@ -47,128 +59,49 @@ like a missing one (SessionNotFoundError).
 
 from __future__ import annotations
 
-import re
 import secrets
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 
 import structlog
 import torch
-from torch import Tensor
 
-from memsvc.engine import AppendStats, SamplingParams, StreamingEngine
+from memsvc.engine import SamplingParams, StreamingEngine
+from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from memsvc.sessions.api import (
     AppendResult,
     CheckpointInfo,
-    IncompatibleStateError,
     InvalidRequestError,
     ManagerClosedError,
     ManagerStats,
-    PositionConflictError,
     ResidentSession,
     SessionBusyError,
     SessionEvent,
     SessionInfo,
     SessionNotFoundError,
     SessionObserver,
+    StateRolledBackError,
     Tier,
 )
-from memsvc.sessions.durability import SessionStore, StateIdentity
-from memsvc.sessions.fencing import Claim, FenceBehindError, FencedOutError
+from memsvc.sessions.batch import BatchAppender, Item
+from memsvc.sessions.config import ManagerConfig
+from memsvc.sessions.durability import SessionRepository, StateIdentity
+from memsvc.sessions.fencing import Claim
 from memsvc.sessions.generation import SessionGeneration
-from memsvc.sessions.layout import max_state_bytes
-from memsvc.sessions.ownership import LeaseLostError, LeaseTakenError, Ownership
+from memsvc.sessions.live import LiveSession, SessionEnv
+from memsvc.sessions.maintenance import Maintenance
+from memsvc.sessions.ownership import Ownership
 from memsvc.sessions.portable import chunked, decode_export, encode_export
-from memsvc.sessions.residency import TIERS_DOWN, ResidencyTable, tier_below
-from memsvc.sessions.restore import Restored, UnrecoverableSessionError, restore_session
-from memsvc.sessions.wal import CorruptWalHeaderError, WriteAheadLog, read_wal
-from memsvc.store import metadata
+from memsvc.sessions.residency import Books, Residency
+from memsvc.sessions.state_check import max_state_bytes
+from memsvc.sessions.validation import check_knobs, check_name, check_session_id, token_ids
 from memsvc.store.database import Database
-from memsvc.store.errors import NotFoundError, StaleFenceError
 from memsvc.store.hot_state import HotStateTracker
 from memsvc.store.models import EventKind, SessionRow, SessionStatus
 
+__all__ = ["ManagerConfig", "SessionManager"]
+
 log = structlog.get_logger(__name__)
-
-MAX_NAME_LENGTH = 200  # the sessions.name column
-SYNC_THREADS = 16  # fsyncs of one batched append in flight at once
-
-
-@dataclass(frozen=True)
-class ManagerConfig:
-    """Where sessions live and how they are kept. Budgets are bytes of session state."""
-
-    data_dir: Path
-    node_id: str = "node-0"
-    device_budget_bytes: int = 2 << 30
-    host_budget_bytes: int = 0  # used only when the engine is on CUDA
-    keep_checkpoints: int = 3
-    checkpoint_every_tokens: int = 65536
-    checkpoint_every_seconds: float = 300.0
-    lease_ttl_ms: int = 30_000
-    # Where clients reach this node (host:port), announced to the cluster so that other
-    # replicas can send a session's clients here; None: a single node, nothing announced.
-    advertise_address: str | None = None
-    max_tokens_per_append: int = 1 << 20
-    # A session's log is cut (before its oldest kept checkpoint) once that frees this much.
-    wal_truncate_bytes: int = 64 << 10
-
-    def __post_init__(self) -> None:
-        for name in ("device_budget_bytes", "checkpoint_every_tokens", "lease_ttl_ms"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ManagerConfig.{name} must be positive")
-        if self.host_budget_bytes < 0 or self.keep_checkpoints < 1 or self.wal_truncate_bytes < 0:
-            raise ValueError(
-                "ManagerConfig: host_budget_bytes, wal_truncate_bytes >= 0; keep_checkpoints >= 1"
-            )
-        if self.checkpoint_every_seconds <= 0 or self.max_tokens_per_append <= 0:
-            raise ValueError("ManagerConfig: checkpoint period and max tokens must be positive")
-
-
-@dataclass(eq=False)
-class _Session:
-    """What this node knows of one session. Fields below ``lock`` change only under it."""
-
-    id: str
-    tenant_id: str
-    name: str
-    model_hash: str
-    created_at: datetime
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    state: ModelState | None = None  # in a memory tier (the residency table says which)
-    wal: WriteAheadLog | None = None  # open while the state is in memory
-    position: int | None = None  # acknowledged tokens; None until read from disk
-    durable_position: int = 0  # position of the newest usable checkpoint
-    generation: int = 0  # newest recorded checkpoint generation
-    last_checkpoint: CheckpointInfo | None = None
-    checkpoint_at: float = 0.0  # monotonic time of the last checkpoint (or restore)
-    write_rate: float = 0.0  # memory writes per 1k tokens, for the hot state
-    step_scale: float = 1.0  # the state's mitigation knobs, as last read or set
-    forget_boost: float = 0.0
-    memory_norm: float | None = None  # after the last append since the state was loaded
-    surprise: float | None = None
-    on_disk: bool = False  # it has a log or checkpoints (False: never materialised)
-    claim: Claim | None = None  # this node's claim on the files while it holds the state
-    gone: str | None = None  # "deleted" or "quarantined" while a caller waited for it
-
-
-@dataclass
-class _Counters:
-    evictions: int = 0
-    restores: int = 0
-    appends: int = 0
-    tokens_appended: int = 0
-    checkpoints: int = 0
-    quarantined: int = 0
-    restore_seconds: float = 0.0
-    eviction_seconds: float = 0.0
 
 
 class SessionManager:
@@ -184,54 +117,49 @@ class SessionManager:
         observer: SessionObserver | None = None,
     ) -> None:
         self.config = config
-        self._observer: SessionObserver = observer if observer is not None else _Unobserved()
         self.engine = engine
         self.identity = StateIdentity.of(engine.model)
-        self._store = SessionStore(
+        self._repository = SessionRepository(
             config.data_dir,
             database,
             self.identity,
             keep=config.keep_checkpoints,
             truncate_bytes=config.wal_truncate_bytes,
         )
-        self._database = database
-        self._ownership = Ownership(tracker, config.node_id, config.lease_ttl_ms)
-        # Tells this process's claims from those of an earlier run of the same node (fencing.py).
-        self._incarnation = f"{config.node_id}/{secrets.token_hex(8)}"
+        ownership = Ownership(tracker, config.node_id, config.lease_ttl_ms)
         if config.advertise_address is not None:
-            self._ownership.announce(config.advertise_address)
+            ownership.announce(config.advertise_address)
         self._template = engine.init_state()
-        self._state_bytes = max_state_bytes(self._template, engine.chunk_size)
-        self._host_enabled = engine.device.type == "cuda" and config.host_budget_bytes > 0
-        host_budget = config.host_budget_bytes if self._host_enabled else 0
-        self._table = ResidencyTable(
-            {Tier.DEVICE: config.device_budget_bytes, Tier.HOST: host_budget}
+        host_enabled = engine.device.type == "cuda" and config.host_budget_bytes > 0
+        self._books = Books(
+            {
+                Tier.DEVICE: config.device_budget_bytes,
+                Tier.HOST: config.host_budget_bytes if host_enabled else 0,
+            }
         )
-        self._lock = threading.Lock()  # the session records, the table, the counters
-        self._move_lock = threading.Lock()  # one thread makes room in the tiers at a time
-        self._sessions: dict[str, _Session] = {}
-        self._counters = _Counters()
+        self._env = SessionEnv(
+            config=config,
+            engine=engine,
+            repository=self._repository,
+            ownership=ownership,
+            observer=observer if observer is not None else _Unobserved(),
+            books=self._books,
+            incarnation=f"{config.node_id}/{secrets.token_hex(8)}",
+        )
+        state_bytes = max_state_bytes(self._template, engine.chunk_size)
+        self._residency = Residency(self._env, state_bytes, host_enabled)
+        self._batches = BatchAppender(self._env, self._residency)
         self._closed = False
-        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="memsvc-wal-sync")
-        self._stop = threading.Event()
-        self._maintenance = threading.Thread(
-            target=self._maintain, name="memsvc-session-maintenance", daemon=True
-        )
-        self._maintenance.start()
+        self._maintenance = Maintenance(self._env)
 
     # ---- sessions -----------------------------------------------------------------------
 
     def create(self, tenant_id: str, name: str = "") -> SessionInfo:
         """A new, empty session; QuotaExceededError past the tenant's ``max_sessions``."""
         self._check_open()
-        _check_name(name)
-        with self._database.unit_of_work() as db:
-            try:
-                row = metadata.create_session(
-                    db, tenant_id, name=name, model_hash=self.identity.model_hash
-                )
-            except NotFoundError as error:
-                raise InvalidRequestError(f"unknown tenant {tenant_id}") from error
+        check_name(name)
+        with self._repository.creating(tenant_id, name) as (_, row):
+            pass
         session = self._remember(row, position=0, on_disk=False)
         log.info("session_created", tenant=tenant_id, session=session.id)
         return self._info(session)
@@ -244,10 +172,8 @@ class SessionManager:
     def list(self, tenant_id: str) -> list[SessionInfo]:
         """The tenant's sessions, oldest first; quarantined ones are left out (see the events)."""
         self._check_open()
-        with self._database.unit_of_work() as db:
-            rows = metadata.list_sessions(db, tenant_id)
         infos = []
-        for row in rows:
+        for row in self._repository.rows(tenant_id):
             try:
                 infos.append(self._info(self._record(row)))
             except (SessionNotFoundError, SessionBusyError):
@@ -258,18 +184,15 @@ class SessionManager:
         """Deletes the session, its log and its checkpoints."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            self._own(session)  # no other node may be writing it
+        with self._books.holding(session):
+            session.own()  # no other node may be writing it
             try:
-                with self._database.unit_of_work() as db:
-                    metadata.delete_session(db, tenant_id, session_id)
-            except NotFoundError as error:
-                raise SessionNotFoundError(str(error)) from error
+                self._repository.delete_row(tenant_id, session_id)
             finally:
-                self._drop(session)
-            self._store.remove(session.id)
-            self._ownership.forget(session.id)
-            self._forget(session, "deleted")
+                session.unload()
+            self._repository.remove(session.id)
+            self._env.ownership.forget(session.id)
+            self._books.forget(session, "deleted")
         log.info("session_deleted", tenant=tenant_id, session=session_id)
 
     # ---- streaming ----------------------------------------------------------------------
@@ -282,16 +205,20 @@ class SessionManager:
         expected_position: int | None = None,
     ) -> AppendResult:
         """Appends tokens to the stream; returns once they are durable. With
-        ``expected_position``, PositionConflictError unless the stream is there."""
+        ``expected_position``, PositionConflictError unless the stream is there.
+        StateRolledBackError if the update goes non-finite (nothing changes)."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        ids = self._validate(tokens)
-        with self._holding(session):
-            state = self._ready(session)
-            _check_position(session, expected_position)
-            new_state, stats = self.engine.append(state, ids)
-            end = self._log_and_apply(session, ids, new_state)
-            return self._acknowledge(session, ids, stats, end)
+        ids = self._token_ids(tokens)
+        with self._books.holding(session):
+            state = self._residency.ready(session)
+            session.check_position(expected_position)
+            try:
+                new_state, stats = self.engine.append(state, ids)
+            except NonFiniteStateError as error:
+                raise session.roll_back(error, "append") from error
+            end = session.append(ids, new_state)
+            return session.acknowledge(ids, stats, end)
 
     def append_many(
         self,
@@ -303,25 +230,25 @@ class SessionManager:
 
         Items are (tenant, session, tokens[, expected position]). Items of one
         session are applied in order (one per engine step); the results equal
-        appending the items one by one.
+        appending the items one by one (``batch.py``). An item whose update goes
+        non-finite gets StateRolledBackError; the other items are unaffected.
         """
         self._check_open()
         results: list[AppendResult | Exception | None] = [None] * len(items)
-        prepared: list[tuple[int, _Session, Tensor, int | None]] = []
+        prepared: list[Item] = []
         for index, (tenant_id, session_id, tokens, *expected) in enumerate(items):
             try:
                 prepared.append(
                     (
                         index,
                         self._resolve(tenant_id, session_id),
-                        self._validate(tokens),
+                        self._token_ids(tokens),
                         expected[0] if expected else None,
                     )
                 )
             except Exception as error:
                 results[index] = error
-        for batch in _rounds(prepared):
-            self._append_batch(batch, results)
+        self._batches.run(prepared, results)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
@@ -330,56 +257,80 @@ class SessionManager:
     ) -> SessionGeneration:
         """Appends the prompt and samples; see SessionGeneration for what becomes durable when.
 
-        The session stays locked until the iterator is exhausted or closed.
+        The session stays locked until the iterator is exhausted or closed. A
+        step that goes non-finite ends the iterator with StateRolledBackError and
+        nothing of it is committed.
         """
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        ids = self._validate(prompt)
-        self._acquire(session)
+        ids = self._token_ids(prompt)
+        self._books.acquire(session)
         try:
-            _check_present(session)
-            start = self._ready(session)
+            session.check_present()
+            start = self._residency.ready(session)
             try:
                 generation = self.engine.generate(start, ids, params)
             except ValueError as error:
                 raise InvalidRequestError(str(error)) from error
         except BaseException:
-            self._release(session)
+            self._books.release(session)
             raise
 
         def commit(generated: list[int], final: ModelState | None) -> None:
             tokens = torch.cat([ids, torch.tensor(generated, dtype=torch.int64, device=ids.device)])
             if final is None:
-                final, _ = self.engine.append(start, tokens)
-            self._log_and_apply(session, tokens, final)
+                try:
+                    final, _ = self.engine.append(start, tokens)
+                except NonFiniteStateError as error:
+                    raise session.roll_back(error, "generate") from error
+            session.append(tokens, final)
 
-        return SessionGeneration(session.id, generation, commit, lambda: self._release(session))
+        return SessionGeneration(
+            session.id,
+            generation,
+            commit,
+            lambda: self._books.release(session),
+            lambda error: session.roll_back(error, "generate"),
+        )
 
     def query(
         self, tenant_id: str, session_id: str, prompt: Sequence[int], params: SamplingParams
     ) -> list[int]:
-        """Samples an answer from a snapshot of the state; the session does not change."""
+        """Samples an answer from a snapshot of the state; the session does not change
+        (but is rolled back, and the query refused, if the snapshot's update goes non-finite)."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        ids = self._validate(prompt)
-        with self._holding(session):
-            snapshot = self._ready(session)
+        ids = self._token_ids(prompt)
+        with self._books.holding(session):
+            snapshot = self._residency.ready(session)
         try:
             return list(self.engine.generate(snapshot, ids, params))
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
+        except NonFiniteStateError as error:
+            raise self.roll_back(tenant_id, session_id, error, "query") from error
+
+    def roll_back(
+        self, tenant_id: str, session_id: str, error: NonFiniteStateError, request: str
+    ) -> StateRolledBackError:
+        """The error that refuses a ``request`` ("query", ...) whose update of a snapshot of
+        the session went non-finite, once the session is rolled back (``LiveSession.roll_back``:
+        recorded and counted). For callers that step a snapshot themselves."""
+        session = self._resolve(tenant_id, session_id)
+        with self._books.holding(session):
+            return session.roll_back(error, request)
 
     # ---- durability and residency -------------------------------------------------------
 
     def checkpoint(self, tenant_id: str, session_id: str) -> CheckpointInfo:
-        """Writes a checkpoint generation now (or returns the newest if nothing came since)."""
+        """Writes a checkpoint now (or returns the newest if nothing came since)."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            self._ready(session)
+        with self._books.holding(session):
+            self._residency.ready(session)
             if session.last_checkpoint is not None and session.position == session.durable_position:
                 return session.last_checkpoint
-            return self._checkpoint(session)
+            return session.checkpoint()
 
     def evict(self, tenant_id: str, session_id: str, tier: Tier = Tier.DISK) -> None:
         """Moves the state down to ``tier`` (HOST only beside a GPU); a no-op if it is lower.
@@ -387,25 +338,22 @@ class SessionManager:
         Waits for the session's current call to finish.
         """
         self._check_open()
-        if tier is Tier.DEVICE or (tier is Tier.HOST and not self._host_enabled):
+        host = self._residency.host_enabled
+        if tier is Tier.DEVICE or (tier is Tier.HOST and not host):
             raise InvalidRequestError(
                 f"cannot evict to {tier}: the tiers below the device are "
-                f"{'host, disk' if self._host_enabled else 'disk'}"
+                f"{'host, disk' if host else 'disk'}"
             )
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            current = self._resident_tier(session)
-            if current is None or TIERS_DOWN.index(current) >= TIERS_DOWN.index(tier):
-                return
-            with self._move_lock:
-                self._demote(session, tier)
+        with self._books.holding(session):
+            self._residency.evict(session, tier)
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:
         """Restores the session to the device now (a stream opens); returns once it is there."""
         self._check_open()
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            self._ready(session)
+        with self._books.holding(session):
+            self._residency.ready(session)
 
     def mitigate(
         self,
@@ -422,24 +370,19 @@ class SessionManager:
         The knobs are part of the state, so the session is checkpointed right
         after: a restart or an eviction restores them, and the log tail replays
         on top of them. (Should that checkpoint later prove damaged, restore falls
-        back to an older generation and its knobs: the guards decide again.) If
+        back to an older checkpoint and its knobs: the guards decide again.) If
         the checkpoint fails, the knobs hold in memory only and the error is
         raised. Recorded as a MITIGATION event with ``reason`` and ``evidence``.
         InvalidRequestError for knobs out of range (nothing changes).
         """
         self._check_open()
-        if not (0.0 < step_scale <= 1.0 and 0.0 <= forget_boost < 1.0):
-            raise InvalidRequestError(
-                f"need 0 < step_scale <= 1 and 0 <= forget_boost < 1, "
-                f"got {step_scale} and {forget_boost}"
-            )
+        check_knobs(step_scale, forget_boost)
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            state = self._ready(session).with_mitigation(step_scale, forget_boost)
+        with self._books.holding(session):
+            state = self._residency.ready(session).with_mitigation(step_scale, forget_boost)
             before = (session.step_scale, session.forget_boost)
-            session.state = state
-            session.step_scale, session.forget_boost = step_scale, forget_boost
-            info = self._checkpoint(session)
+            session.set_knobs(state, step_scale, forget_boost)
+            info = session.checkpoint()
             payload = {
                 "reason": reason,
                 "step_scale": step_scale,
@@ -447,13 +390,12 @@ class SessionManager:
                 "previous_step_scale": before[0],
                 "previous_forget_boost": before[1],
                 "position": info.position,
-                "generation": info.generation,
+                "generation": info.sequence,  # the checkpoint's number, under its first name
                 "evidence": dict(evidence or {}),
             }
-            with self._database.unit_of_work() as db:
-                metadata.record_event(
-                    db, tenant_id, EventKind.MITIGATION, payload, session_id=session_id
-                )
+            self._repository.record_event(
+                tenant_id, EventKind.MITIGATION, payload, session_id=session_id
+            )
         log.warning("mitigation_applied", tenant=tenant_id, session=session_id, **payload)
 
     def events(
@@ -474,31 +416,19 @@ class SessionManager:
             raise InvalidRequestError(f"unknown event kind {kind!r}; kinds are {kinds}") from None
         if limit <= 0:
             raise InvalidRequestError(f"limit must be positive, got {limit}")
-        with self._database.unit_of_work() as db:
-            rows = metadata.list_events(
-                db, tenant_id, session_id=session_id or None, kind=event_kind, limit=limit
-            )
-            return [
-                SessionEvent(
-                    event_id=row.id,
-                    tenant_id=row.tenant_id,
-                    session_id=row.session_id,
-                    kind=row.kind,
-                    created_at=row.created_at,
-                    payload=dict(row.payload),
-                )
-                for row in rows
-            ]
+        return self._repository.events(
+            tenant_id, session_id=session_id or None, kind=event_kind, limit=limit
+        )
 
     # ---- copies -------------------------------------------------------------------------
 
     def fork(self, tenant_id: str, session_id: str, name: str = "") -> SessionInfo:
         """A new session of the tenant whose memory is a copy of this one's (position included)."""
         self._check_open()
-        _check_name(name)
+        check_name(name)
         source = self._resolve(tenant_id, session_id)
-        with self._holding(source):
-            snapshot = self._ready(source)
+        with self._books.holding(source):
+            snapshot = self._residency.ready(source)
         return self._create_from(tenant_id, name, snapshot)
 
     def export(
@@ -509,14 +439,14 @@ class SessionManager:
         if chunk_bytes <= 0:
             raise InvalidRequestError(f"chunk_bytes must be positive, got {chunk_bytes}")
         session = self._resolve(tenant_id, session_id)
-        with self._holding(session):
-            snapshot = self._ready(session)
+        with self._books.holding(session):
+            snapshot = self._residency.ready(session)
         return chunked(encode_export(snapshot, self.identity), chunk_bytes)
 
     def import_(self, tenant_id: str, chunks: Iterable[bytes], name: str = "") -> SessionInfo:
         """A new session holding an exported state; IncompatibleStateError for another model."""
         self._check_open()
-        _check_name(name)
+        check_name(name)
         state = decode_export(chunks, self.identity, self._template, self.engine.chunk_size)
         return self._create_from(tenant_id, name, state.to(self.engine.device))
 
@@ -524,45 +454,11 @@ class SessionManager:
 
     def resident(self) -> list[ResidentSession]:
         """Sessions whose state is in a memory tier, least recently used first."""
-        with self._lock:
-            entries = sorted(self._table.items(), key=lambda item: item[1].last_access)
-            return [
-                ResidentSession(
-                    session_id=session_id,
-                    tenant_id=session.tenant_id,
-                    tier=resident.tier,
-                    state_bytes=resident.nbytes,
-                    position=session.position or 0,
-                    last_access=resident.last_access,
-                    pinned=self._table.pinned(session_id),
-                    step_scale=session.step_scale,
-                    forget_boost=session.forget_boost,
-                    memory_norm=session.memory_norm,
-                    surprise=session.surprise,
-                )
-                for session_id, resident in entries
-                if (session := self._sessions.get(session_id)) is not None
-            ]
+        return self._books.resident_report()
 
     def stats(self) -> ManagerStats:
         """Residency per tier and counters since the manager started."""
-        with self._lock:
-            memory = (Tier.DEVICE, Tier.HOST)
-            c = self._counters
-            return ManagerStats(
-                resident={tier: self._table.count(tier) for tier in memory},
-                bytes_used={tier: self._table.used(tier) for tier in memory},
-                budgets=dict(self._table.budgets),
-                evictions=c.evictions,
-                restores=c.restores,
-                appends=c.appends,
-                tokens_appended=c.tokens_appended,
-                checkpoints=c.checkpoints,
-                corruptions=self._store.corruptions,
-                quarantined=c.quarantined,
-                restore_seconds=c.restore_seconds,
-                eviction_seconds=c.eviction_seconds,
-            )
+        return self._books.stats(corruptions=self._repository.corruptions)
 
     def close(self) -> None:
         """Checkpoints every session with tokens since its last checkpoint, releases leases.
@@ -571,511 +467,93 @@ class SessionManager:
         holds one); a session still busy then is left to its log. Later calls
         raise ManagerClosedError.
         """
-        with self._lock:
+        with self._books.lock:
             if self._closed:
                 return
             self._closed = True
-            sessions = list(self._sessions.values())
-        self._stop.set()
-        self._maintenance.join()
+        sessions = self._books.all()
+        self._maintenance.stop()
         for session in sessions:
-            if not self._acquire(session, timeout=self.config.lease_ttl_ms / 1000):
+            if not self._books.acquire(session, timeout=self.config.lease_ttl_ms / 1000):
                 log.error("session_busy_at_close", session=session.id)
                 continue
             try:
                 if session.state is not None:
-                    self._checkpoint_if_dirty(session)
-                    self._drop(session)
+                    session.checkpoint_if_dirty()
+                    session.unload()
             finally:
-                self._release(session)
-        self._sync_pool.shutdown()
-        self._store.close()
+                self._books.release(session)
+        self._batches.close()
+        self._repository.close()
         log.info("session_manager_closed", sessions=len(sessions))
 
-    # ---- internals: records and locks ---------------------------------------------------
+    # ---- internals ----------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError("the session manager is closed")
 
-    def _remember(self, row: SessionRow, *, position: int | None, on_disk: bool) -> _Session:
-        session = _Session(
-            id=row.id,
-            tenant_id=row.tenant_id,
-            name=row.name,
-            model_hash=row.model_hash,
-            created_at=row.created_at,
-            position=position,
-            durable_position=row.position,
-            on_disk=on_disk,
-        )
-        with self._lock:
-            return self._sessions.setdefault(session.id, session)
+    def _token_ids(self, tokens: Sequence[int]) -> torch.Tensor:
+        return token_ids(self.engine, tokens, self.config.max_tokens_per_append)
 
-    def _resolve(self, tenant_id: str, session_id: str) -> _Session:
-        """The session's record, loaded from SQL on first use; tenant-scoped."""
-        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-            raise SessionNotFoundError(f"session {session_id!r} not found")
-        with self._lock:
-            session = self._sessions.get(session_id)
+    def _remember(self, row: SessionRow, *, position: int | None, on_disk: bool) -> LiveSession:
+        return self._books.remember(
+            LiveSession(
+                id=row.id,
+                tenant_id=row.tenant_id,
+                name=row.name,
+                model_hash=row.model_hash,
+                created_at=row.created_at,
+                env=self._env,
+                position=position,
+                durable_position=row.position,
+                on_disk=on_disk,
+            )
+        )
+
+    def _resolve(self, tenant_id: str, session_id: str) -> LiveSession:
+        """The live session, loaded from its SQL row on first use; tenant-scoped."""
+        check_session_id(session_id)
+        session = self._books.get(session_id)
         if session is None:
-            try:
-                with self._database.unit_of_work() as db:
-                    row = metadata.get_session(db, tenant_id, session_id)
-            except NotFoundError as error:
-                raise SessionNotFoundError(f"session {session_id} not found") from error
-            session = self._record(row)
+            session = self._record(self._repository.row(tenant_id, session_id))
         if session.tenant_id != tenant_id:
             raise SessionNotFoundError(f"session {session_id} not found")
-        _check_present(session)
+        session.check_present()
         return session
 
-    def _record(self, row: SessionRow) -> _Session:
-        """The record of a session read from SQL (SessionBusyError if quarantined)."""
+    def _record(self, row: SessionRow) -> LiveSession:
+        """The live session of a row read from SQL (SessionBusyError if quarantined)."""
         if row.status is SessionStatus.QUARANTINED:
             raise SessionBusyError(f"session {row.id} is quarantined")
-        with self._lock:
-            known = self._sessions.get(row.id)
+        known = self._books.get(row.id)
         if known is not None:
             return known
-        return self._remember(row, position=None, on_disk=self._store.wal_path(row.id).exists())
-
-    def _forget(self, session: _Session, why: str) -> None:
-        session.gone = why
-        with self._lock:
-            self._sessions.pop(session.id, None)
-
-    def _acquire(self, session: _Session, timeout: float = -1) -> bool:
-        """Pins the session (no eviction) and takes its lock; pins come first, see _make_room."""
-        with self._lock:
-            self._table.pin(session.id)
-        if session.lock.acquire(timeout=timeout):
-            return True
-        with self._lock:
-            self._table.unpin(session.id)
-        return False
-
-    def _release(self, session: _Session) -> None:
-        session.lock.release()
-        with self._lock:
-            self._table.unpin(session.id)
-
-    @contextmanager
-    def _holding(self, session: _Session) -> Iterator[None]:
-        self._acquire(session)
-        try:
-            _check_present(session)
-            yield
-        finally:
-            self._release(session)
-
-    def _validate(self, tokens: Sequence[int]) -> Tensor:
-        """The token ids as the engine takes them; InvalidRequestError before anything changes."""
-        try:
-            count = len(tokens)
-        except TypeError as error:
-            raise InvalidRequestError("tokens must be a sequence of token ids") from error
-        if count == 0:
-            raise InvalidRequestError("no tokens")
-        if count > self.config.max_tokens_per_append:
-            raise InvalidRequestError(
-                f"{count} tokens in one request; the most is {self.config.max_tokens_per_append}"
-            )
-        try:
-            # The engine's own check: integer ids inside the vocabulary, 1-D.
-            return self.engine._as_tokens(tokens)
-        except (ValueError, TypeError, RuntimeError) as error:
-            raise InvalidRequestError(str(error)) from error
-
-    # ---- internals: state in memory -----------------------------------------------------
-
-    def _resident_tier(self, session: _Session) -> Tier | None:
-        with self._lock:
-            resident = self._table.get(session.id)
-        return None if resident is None else resident.tier
-
-    def _ready(self, session: _Session) -> ModelState:
-        """The session's state on the device, with its lease current (caller holds the session)."""
-        if session.model_hash != self.identity.model_hash:
-            raise IncompatibleStateError(
-                f"session {session.id} belongs to model {session.model_hash}, this node serves "
-                f"{self.identity.model_hash}"
-            )
-        self._own(session)
-        if session.state is None:
-            self._restore(session)
-        elif self._resident_tier(session) is Tier.HOST:
-            started = time.perf_counter()
-            with self._move_lock:
-                self._make_room(Tier.DEVICE, self._state_bytes)
-                session.state = session.state.to(self.engine.device)
-                self._place(session, Tier.DEVICE)
-            self._observer.observe_restore(time.perf_counter() - started, Tier.HOST.value)
-        with self._lock:
-            self._table.touch(session.id, time.time())
-        self._refresh(session)
-        assert session.state is not None
-        return session.state
-
-    def _own(self, session: _Session) -> None:
-        """Makes sure this node holds a current lease; drops a copy that may be stale."""
-        if self._ownership.lease(session.id) is None:
-            self._ownership.acquire(session.id)
-            return
-        try:
-            self._ownership.keep(session.id)
-        except LeaseLostError:
-            self._drop(session, release=False)  # the fresh lease stays: restore from disk
-        except LeaseTakenError:
-            self._drop(session)
-            raise self._ownership.moved(session.id) from None
-
-    def _restore(self, session: _Session) -> None:
-        """Reads the session back from disk (its lease is held: ``_own``)."""
-        started = time.perf_counter()
-        try:
-            with self._move_lock:
-                self._make_room(Tier.DEVICE, self._state_bytes)
-                with self._lock:  # reserve the room while the state is read
-                    self._table.place(session.id, Tier.DEVICE, self._state_bytes, time.time())
-            try:
-                restored = self._restore_claimed(session)
-            except UnrecoverableSessionError as error:
-                self._store.quarantine(session.tenant_id, session.id, str(error))
-                self._forget(session, "quarantined")
-                with self._lock:
-                    self._counters.quarantined += 1
-                raise SessionBusyError(f"session {session.id} is quarantined: {error}") from error
-        except BaseException:
-            with self._lock:
-                self._table.remove(session.id)
-            self._ownership.release(session.id)
-            raise
-        session.state, session.wal, session.claim = restored.state, restored.wal, restored.claim
-        session.step_scale, session.forget_boost = _knobs(restored.state)
-        session.memory_norm = session.surprise = None
-        session.position = restored.wal.next_position
-        session.durable_position = restored.checkpoint_position
-        session.generation = restored.generation
-        session.last_checkpoint = None
-        session.checkpoint_at = time.monotonic()
-        session.on_disk = True
-        self._place(session, Tier.DEVICE)
-        elapsed = time.perf_counter() - started
-        with self._lock:
-            self._counters.restores += 1
-            self._counters.restore_seconds += elapsed
-        self._observer.observe_restore(elapsed, Tier.DISK.value)
-        log.debug("session_restored", session=session.id, position=session.position, s=elapsed)
-        if restored.fell_back:
-            self._checkpoint_if_dirty(session)  # a sound newest generation again
-
-    def _claim(self, session_id: str) -> Claim:
-        lease = self._ownership.lease(session_id)
-        assert lease is not None
-        return Claim(lease.fence, self.config.node_id, self._incarnation)
-
-    def _restore_claimed(self, session: _Session) -> Restored:
-        """``restore_session`` under this node's claim; a claim behind the fences on disk
-        (the lease store lost its counters) has its fence raised once and tries again."""
-        restore = (self._store, self.engine, session.tenant_id, session.id)
-        try:
-            return restore_session(*restore, self._claim(session.id))
-        except FenceBehindError as error:
-            self._ownership.raise_fence(session.id, error.floor)
-        return restore_session(*restore, self._claim(session.id))
-
-    def _place(self, session: _Session, tier: Tier) -> None:
-        assert session.state is not None
-        with self._lock:
-            self._table.place(session.id, tier, session.state.nbytes(), time.time())
-        self._ownership.publish(session.id, tier, session.position or 0, session.write_rate)
-
-    def _refresh(self, session: _Session) -> None:
-        """The session's hot state after an access (throttled, best effort)."""
-        tier = self._resident_tier(session)
-        if tier is not None:
-            self._ownership.refresh(session.id, tier, session.position or 0, session.write_rate)
-
-    def _make_room(self, tier: Tier, nbytes: int) -> None:
-        """Moves unpinned LRU sessions out of ``tier`` until ``nbytes`` fit (move lock held).
-
-        A session is pinned whenever its lock is held or wanted (``_acquire``
-        pins first), so an unpinned victim's lock is free: taking it cannot
-        block, and no two threads wait on each other.
-        """
-        while True:
-            with self._lock:
-                victims = self._table.victims(tier, nbytes)
-                if not victims:
-                    return
-                victim = self._sessions[victims[0]]
-                if not victim.lock.acquire(blocking=False):
-                    raise RuntimeError(f"session {victim.id} is locked but not pinned")
-                self._table.pin(victim.id)
-            try:
-                self._demote(victim, tier_below(tier))
-            finally:
-                self._release(victim)
-
-    def _demote(self, session: _Session, tier: Tier) -> None:
-        """Moves a state to ``tier`` (HOST or DISK); the session and the move lock are held."""
-        started = time.perf_counter()
-        assert session.state is not None
-        nbytes = session.state.nbytes()
-        if tier is Tier.HOST and nbytes > self._table.budgets[Tier.HOST]:
-            tier = Tier.DISK
-        if tier is Tier.HOST:
-            self._make_room(Tier.HOST, nbytes)
-            session.state = session.state.map(lambda t: t.to("cpu").pin_memory())
-            self._place(session, Tier.HOST)
-        else:
-            self._checkpoint_if_dirty(session)
-            self._ownership.publish(
-                session.id, Tier.DISK, session.position or 0, session.write_rate
-            )
-            self._drop(session)
-        elapsed = time.perf_counter() - started
-        with self._lock:
-            self._counters.evictions += 1
-            self._counters.eviction_seconds += elapsed
-        self._observer.observe_eviction(elapsed, tier.value)
-        log.debug("session_evicted", session=session.id, tier=tier.value, s=elapsed)
-
-    def _drop(self, session: _Session, *, release: bool = True) -> None:
-        """Forgets the in-memory state and closes the log (everything in it is durable)."""
-        if session.wal is not None:
-            session.wal.close()
-        session.state, session.wal, session.claim = None, None, None
-        session.position = None  # another node may move it on: read it from disk again
-        with self._lock:
-            self._table.remove(session.id)
-        if release:
-            self._ownership.release(session.id)
-
-    # ---- internals: appends and checkpoints ---------------------------------------------
-
-    def _log(self, session: _Session, ids: Tensor) -> None:
-        """Writes the tokens' log record (durable only after ``_sync``); the caller holds it."""
-        assert session.wal is not None and session.position is not None
-        try:
-            session.wal.append(session.position, ids.cpu().numpy())
-        except BaseException:
-            self._drop(session)  # a failed log refuses work until a restore reopens it
-            raise
-
-    def _sync(self, session: _Session) -> int:
-        """Makes the session's log durable; returns its end offset."""
-        assert session.wal is not None
-        started = time.perf_counter()
-        try:
-            end = session.wal.flush_and_sync()
-        except BaseException:
-            self._drop(session)
-            raise
-        self._observer.observe_wal_sync(time.perf_counter() - started)
-        self._check_claim(session)
-        return end
-
-    def _check_claim(self, session: _Session) -> None:
-        """SessionMovedError (the state dropped, nothing acknowledged) if another node seized
-        the session's files; read after each fsync, before anything is acknowledged."""
-        if session.claim is None:
-            return
-        try:
-            self._store.owner(session.id).check(session.claim)
-        except FencedOutError as error:
-            log.warning("session_fenced_out", session=session.id, reason=str(error))
-            self._drop(session)
-            raise self._ownership.moved(session.id) from error
-
-    def _sync_all(self, sessions: list[_Session]) -> list[int | Exception]:
-        """``_sync`` of several logs at once (concurrent fsyncs share the disk's flushes);
-        each one's end offset or error."""
-
-        def sync(session: _Session) -> int | Exception:
-            try:
-                return self._sync(session)
-            except Exception as error:
-                return error
-
-        if len(sessions) == 1:
-            return [sync(sessions[0])]
-        return list(self._sync_pool.map(sync, sessions))
-
-    def _apply(self, session: _Session, ids: Tensor, state: ModelState) -> None:
-        """Makes ``state`` the session's once its tokens are durable."""
-        assert session.position is not None
-        session.state, session.position = state, session.position + len(ids)
-        with self._lock:
-            self._table.resize(session.id, state.nbytes())
-            self._counters.appends += 1
-            self._counters.tokens_appended += len(ids)
-        self._refresh(session)
-        self._maybe_checkpoint(session)
-
-    def _log_and_apply(self, session: _Session, ids: Tensor, state: ModelState) -> int:
-        """Logs the tokens durably, then makes ``state`` the session's; returns the log's end."""
-        self._log(session, ids)
-        end = self._sync(session)
-        self._apply(session, ids, state)
-        return end
-
-    def _acknowledge(
-        self, session: _Session, ids: Tensor, stats: AppendStats, end: int
-    ) -> AppendResult:
-        session.write_rate = 1000 * stats.writes_applied / max(stats.position, 1)
-        session.memory_norm, session.surprise = stats.memory_norm, stats.surprise_ema
-        return AppendResult(
-            session_id=session.id,
-            position=stats.position,
-            appended=len(ids),
-            writes_applied=stats.writes_applied,
-            writes_skipped=stats.writes_skipped,
-            surprise=stats.surprise_ema,
-            memory_norm=stats.memory_norm,
-            wal_offset=end,
-            step_scale=session.step_scale,
-            forget_boost=session.forget_boost,
-        )
-
-    def _append_batch(
-        self,
-        batch: list[tuple[int, _Session, Tensor, int | None]],
-        results: list[AppendResult | Exception | None],
-    ) -> None:
-        """One engine step over sessions that each appear once; errors land in ``results``."""
-        held = []
-        try:
-            for item in sorted(batch, key=lambda item: item[1].id):  # one lock order: no deadlock
-                self._acquire(item[1])
-                held.append(item[1])
-            ready = []
-            for index, session, ids, expected in batch:
-                try:
-                    _check_present(session)
-                    state = self._ready(session)
-                    _check_position(session, expected)
-                    ready.append((index, session, ids, state))
-                except Exception as error:
-                    results[index] = error
-            if not ready:
-                return
-            try:
-                stepped = self.engine.step_batch([r[3] for r in ready], [r[2] for r in ready])
-            except Exception as error:
-                for index, *_ in ready:
-                    results[index] = error
-                return
-            logged = []
-            for (index, session, ids, _), (state, stats) in zip(ready, stepped, strict=True):
-                try:
-                    self._log(session, ids)
-                    logged.append((index, session, ids, state, stats))
-                except Exception as error:
-                    results[index] = error
-            ends = self._sync_all([item[1] for item in logged])
-            for (index, session, ids, state, stats), end in zip(logged, ends, strict=True):
-                if isinstance(end, Exception):
-                    results[index] = end
-                    continue
-                self._apply(session, ids, state)
-                results[index] = self._acknowledge(session, ids, stats, end)
-        finally:
-            for session in held:
-                self._release(session)
-
-    def _maybe_checkpoint(self, session: _Session) -> None:
-        """The periodic checkpoint, by tokens or by time; a failure is logged, not raised
-        (the tokens are durable in the log already)."""
-        assert session.position is not None
-        behind = session.position - session.durable_position
-        overdue = time.monotonic() - session.checkpoint_at >= self.config.checkpoint_every_seconds
-        if behind >= self.config.checkpoint_every_tokens or (behind > 0 and overdue):
-            self._checkpoint_if_dirty(session)
-
-    def _checkpoint_if_dirty(self, session: _Session) -> None:
-        """Checkpoints if tokens came since the last one; failures are logged (best effort)."""
-        if session.position == session.durable_position:
-            return
-        try:
-            self._checkpoint(session)
-        except Exception as error:
-            log.warning("checkpoint_failed", session=session.id, error=repr(error))
-
-    def _checkpoint(self, session: _Session) -> CheckpointInfo:
-        assert session.state is not None and session.wal is not None
-        started = time.perf_counter()
-        try:
-            lease = self._ownership.keep(session.id)
-            info = self._store.checkpoint(
-                session.id,
-                session.generation + 1,
-                session.state,
-                session.wal,
-                lease.fence,
-                claim=session.claim,
-            )
-        except (StaleFenceError, FencedOutError) as error:
-            self._observer.count_checkpoint_failure()
-            self._drop(session)
-            raise self._ownership.moved(session.id) from error
-        except BaseException:
-            self._observer.count_checkpoint_failure()
-            raise
-        self._observer.observe_checkpoint(time.perf_counter() - started)
-        session.generation = info.generation
-        session.durable_position = info.position
-        session.last_checkpoint = info
-        session.checkpoint_at = time.monotonic()
-        with self._lock:
-            self._counters.checkpoints += 1
-        return info
+        on_disk = self._repository.wal_path(row.id).exists()
+        return self._remember(row, position=None, on_disk=on_disk)
 
     def _create_from(self, tenant_id: str, name: str, state: ModelState) -> SessionInfo:
-        """A new session whose generation 1 is ``state``: row, log and checkpoint in one commit."""
-        position = int(state.position[0])
-        session_id = None
-        try:
-            with self._database.unit_of_work() as db:
-                try:
-                    row = metadata.create_session(
-                        db, tenant_id, name=name, model_hash=self.identity.model_hash
-                    )
-                except NotFoundError as error:
-                    raise InvalidRequestError(f"unknown tenant {tenant_id}") from error
-                session_id = row.id
-                lease = self._ownership.acquire(session_id)
-                row.fence = lease.fence
-                claim = Claim(lease.fence, self.config.node_id, self._incarnation)
-                try:
-                    owner = self._store.owner(session_id)
-                    with owner.locked():
-                        owner.seize(claim)
-                    self._store.create_log(session_id, offset=0, position=position).close()
-                    written = self._store.write_file(session_id, 1, state, wal_offset=0)
-                    info, _, _ = self._store.record(db, session_id, 1, written, lease.fence)
-                finally:
-                    self._ownership.release(session_id)
-        except BaseException:
-            if session_id is not None:
-                self._store.remove(session_id)  # never committed: nothing refers to the files
-            raise
-        session = self._remember(row, position=position, on_disk=True)
-        session.generation, session.last_checkpoint = 1, info
-        session.step_scale, session.forget_boost = _knobs(state)  # a fork keeps its source's
+        """A new session whose checkpoint 1 is ``state``: row, log and checkpoint in one commit."""
+        ownership = self._env.ownership
+        with self._repository.creating(tenant_id, name) as (db, row):
+            lease = ownership.acquire(row.id)
+            try:
+                claim = Claim(lease.fence, self.config.node_id, self._env.incarnation)
+                info = self._repository.initialise(db, row, state, claim)
+            finally:
+                ownership.release(row.id)
+        session = self._remember(row, position=int(state.position[0]), on_disk=True)
+        session.created(info, state)
         return self._info(session)
 
-    # ---- internals: what clients see ----------------------------------------------------
-
-    def _info(self, session: _Session) -> SessionInfo:
+    def _info(self, session: LiveSession) -> SessionInfo:
         position = session.position
         if position is None:
-            with self._holding(session):
-                position = self._position_on_disk(session)
-        tier = self._resident_tier(session)
-        with self._lock:
-            resident = self._table.get(session.id)
+            with self._books.holding(session):
+                position = session.position_on_disk()
+        tier = self._books.tier(session.id)
+        with self._books.lock:
+            resident = self._books.table.get(session.id)
         return SessionInfo(
             session_id=session.id,
             tenant_id=session.tenant_id,
@@ -1088,123 +566,6 @@ class SessionManager:
             state_bytes=0 if resident is None else resident.nbytes,
         )
 
-    def _position_on_disk(self, session: _Session) -> int:
-        """The acknowledged position of a session not in memory: the end of its log."""
-        if session.position is None:
-            position = session.durable_position
-            path = self._store.wal_path(session.id)
-            if path.exists():
-                reader = read_wal(path)
-                try:
-                    for _ in reader:
-                        pass
-                    position = max(position, reader.next_position)
-                except (CorruptWalHeaderError, OSError) as error:  # the restore reports it
-                    log.warning("wal_unreadable", session=session.id, error=repr(error))
-            session.position = position
-        return session.position
 
-    # ---- internals: maintenance ---------------------------------------------------------
-
-    def _maintain(self) -> None:
-        """Renews leases of sessions in memory and writes the time-based checkpoints."""
-        interval = min(self.config.lease_ttl_ms / 6000, self.config.checkpoint_every_seconds / 2)
-        while not self._stop.wait(max(interval, 0.01)):
-            self._announce()
-            with self._lock:
-                sessions = [self._sessions.get(sid) for sid, _ in self._table.items()]
-            for session in filter(None, sessions):
-                if not self._acquire(session, timeout=0):
-                    continue  # in use: the call that holds it renews and checkpoints
-                try:
-                    if session.state is not None and session.gone is None:
-                        self._maintain_session(session)
-                except Exception as error:
-                    log.warning("maintenance_failed", session=session.id, error=repr(error))
-                finally:
-                    self._release(session)
-
-    def _announce(self) -> None:
-        if self.config.advertise_address is not None:
-            self._ownership.announce(self.config.advertise_address)
-
-    def _maintain_session(self, session: _Session) -> None:
-        try:
-            self._ownership.keep(session.id)
-        except (LeaseLostError, LeaseTakenError):
-            self._drop(session)  # someone else owns it now; the next touch restores
-            return
-        self._maybe_checkpoint(session)
-
-
-class _Unobserved:
-    """The observer of a manager given none."""
-
-    def observe_eviction(self, seconds: float, tier: str) -> None:
-        pass
-
-    def observe_restore(self, seconds: float, tier: str) -> None:
-        pass
-
-    def observe_checkpoint(self, seconds: float) -> None:
-        pass
-
-    def count_checkpoint_failure(self) -> None:
-        pass
-
-    def observe_wal_sync(self, seconds: float) -> None:
-        pass
-
-
-def _knobs(state: ModelState) -> tuple[float, float]:
-    """A state's mitigation knobs (step scale, forget boost); every layer holds the same."""
-    memory = next((block.memory for block in state.blocks if block.memory is not None), None)
-    if memory is None:
-        return 1.0, 0.0
-    return float(memory.step_scale[0]), float(memory.forget_boost[0])
-
-
-def _check_present(session: _Session) -> None:
-    if session.gone == "quarantined":
-        raise SessionBusyError(f"session {session.id} is quarantined")
-    if session.gone is not None:
-        raise SessionNotFoundError(f"session {session.id} not found")
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or "\x00" in name:
-        raise InvalidRequestError(
-            f"a session name is a string of at most {MAX_NAME_LENGTH} characters, "
-            "without NUL characters"
-        )
-
-
-# Session ids are canonical UUIDs (store.models.new_id); anything else names no session.
-_SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _check_position(session: _Session, expected: int | None) -> None:
-    """PositionConflictError unless the stream is at ``expected`` (None: anywhere)."""
-    if expected is not None and session.position != expected:
-        assert session.position is not None
-        raise PositionConflictError(
-            f"session {session.id} is at position {session.position}, the append expected "
-            f"{expected}",
-            session.position,
-        )
-
-
-_Item = tuple[int, _Session, Tensor, int | None]
-
-
-def _rounds(items: list[_Item]) -> list[list[_Item]]:
-    """Splits items into engine steps where each session appears at most once, in item order."""
-    rounds: list[list[_Item]] = []
-    seen: dict[str, int] = {}
-    for item in items:
-        n = seen.get(item[1].id, 0)
-        seen[item[1].id] = n + 1
-        if n == len(rounds):
-            rounds.append([])
-        rounds[n].append(item)
-    return rounds
+class _Unobserved(SessionObserver):
+    """The observer of a manager given none: the protocol's methods do nothing."""

@@ -38,6 +38,10 @@ from memsvc.store.hot_state import HotState, HotStateTracker, Lease
 
 log = structlog.get_logger(__name__)
 
+# How long a session's lease lasts unrenewed: how long a dead node's sessions wait before
+# another node may take them. The manager's and the CLI's default.
+DEFAULT_LEASE_TTL_MS = 10_000
+
 # A session's hot state is refreshed at most this often by touches (tier changes go at once).
 TOUCH_INTERVAL_S = 1.0
 

@@ -8,7 +8,7 @@ log. One format for both keeps one reader, one checksum and one version rule.
 Import refuses, in this order: more bytes than a state of the served model
 can take (InvalidRequestError), a damaged file (InvalidRequestError), another
 format version or model (IncompatibleStateError), tensors that do not fit the
-model's state (IncompatibleStateError, ``layout.py``).
+model's state (IncompatibleStateError, ``state_check.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from memsvc.sessions.checkpoint import (
     encode_checkpoint,
 )
 from memsvc.sessions.durability import StateIdentity
-from memsvc.sessions.layout import check_state_layout, max_state_bytes
+from memsvc.sessions.state_check import check_state_layout, max_state_bytes
 
 _SOURCE = Path("<import>")
 # An export holds the state plus a header of a few kB; anything much larger is not one.

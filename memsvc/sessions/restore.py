@@ -6,9 +6,9 @@ Recovery, step by step:
    is cut with a warning; a corrupt record is cut too, but acknowledged
    tokens after it are lost, so that is an error and a CORRUPTION event. A
    log with an unreadable header is moved aside (``wal.log.damaged-<time>``).
-2. The recorded generations are tried newest first (``newest_valid_checkpoint``):
+2. The recorded checkpoints are tried newest first (``newest_valid_checkpoint``):
    a damaged or truncated file is skipped with an error and a CORRUPTION
-   event, and the previous generation plus a longer replay is used; nothing
+   event, and the previous checkpoint plus a longer replay is used; nothing
    is ever served from a file that fails its checksum.
 3. If the log does not reach the checkpoint (it was damaged or lost before
    the checkpoint's offset), the checkpoint holds everything up to its
@@ -42,7 +42,7 @@ import torch
 from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
 from memsvc.sessions.checkpoint import CheckpointError, newest_valid_checkpoint
-from memsvc.sessions.durability import SessionStore
+from memsvc.sessions.durability import SessionRepository
 from memsvc.sessions.fencing import Claim
 from memsvc.sessions.wal import CorruptWalHeaderError, DamageKind, WriteAheadLog
 from memsvc.store.models import CheckpointRow
@@ -60,14 +60,14 @@ class Restored:
 
     state: ModelState
     wal: WriteAheadLog
-    generation: int  # newest recorded generation (0: none yet)
+    sequence: int  # number of the newest recorded checkpoint (0: none yet)
     checkpoint_position: int  # position of the checkpoint the state was built from (0: none)
     fell_back: bool  # the newest recorded checkpoint was unusable: an older one (or none) served
     claim: Claim | None = None  # the claim the files were seized with
 
 
 def restore_session(
-    store: SessionStore,
+    store: SessionRepository,
     engine: StreamingEngine,
     tenant_id: str,
     session_id: str,
@@ -127,7 +127,7 @@ def restore_session(
     return Restored(
         state=state,
         wal=wal,
-        generation=rows[0].generation if rows else 0,
+        sequence=rows[0].generation if rows else 0,
         checkpoint_position=0 if checkpoint is None else checkpoint.header.position,
         fell_back=bool(rows)
         and (checkpoint is None or checkpoint.path != store.absolute(rows[0].path)),
@@ -136,15 +136,15 @@ def restore_session(
 
 
 def _read_files(
-    store: SessionStore, tenant_id: str, session_id: str
+    store: SessionRepository, tenant_id: str, session_id: str
 ) -> tuple[list[CheckpointRow], WriteAheadLog | None]:
-    """The recorded generations (files without a row removed) and the opened log."""
-    rows = store.generations(session_id)
+    """The recorded checkpoints (files without a row removed) and the opened log."""
+    rows = store.checkpoint_rows(session_id)
     store.remove_unrecorded(session_id, rows)
     return rows, _open_log(store, tenant_id, session_id)
 
 
-def _open_log(store: SessionStore, tenant_id: str, session_id: str) -> WriteAheadLog | None:
+def _open_log(store: SessionRepository, tenant_id: str, session_id: str) -> WriteAheadLog | None:
     """The session's log with any damaged tail cut; None if it is missing or unreadable."""
     path = store.wal_path(session_id)
     if not path.exists():
@@ -176,7 +176,7 @@ def _open_log(store: SessionStore, tenant_id: str, session_id: str) -> WriteAhea
 
 
 def _restart_log(
-    store: SessionStore,
+    store: SessionRepository,
     tenant_id: str,
     session_id: str,
     wal: WriteAheadLog | None,

@@ -31,8 +31,8 @@ new ones, before anything is acknowledged.
 
 Group commit: ``append`` only writes (the bytes reach the page cache, so they
 survive ``kill -9``); ``flush_and_sync`` makes everything appended so far
-durable with one fsync, and ``GroupCommit`` lets concurrent appenders share
-those fsyncs.
+durable with one fsync (the manager syncs many sessions' logs at once, so
+their fsyncs share the disk's flushes).
 """
 
 from __future__ import annotations
@@ -462,38 +462,3 @@ class WriteAheadLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class GroupCommit:
-    """Lets threads appending to one log share fsyncs.
-
-    ``append`` returns once its record is durable. While one thread fsyncs,
-    the others keep appending and then wait; the next fsync covers all of them.
-    """
-
-    def __init__(self, wal: WriteAheadLog) -> None:
-        self._wal = wal
-        self._cond = threading.Condition()
-        self._syncing = False
-
-    def append(self, position: int, tokens: npt.ArrayLike) -> int:
-        """Appends and waits until the record is durable; returns its end offset."""
-        end = self._wal.append(position, tokens)
-        self.wait_durable(end)
-        return end
-
-    def wait_durable(self, offset: int) -> None:
-        """Returns once everything below ``offset`` is durable, fsyncing if no one else is."""
-        with self._cond:
-            while self._wal.durable_offset < offset:
-                if self._syncing:
-                    self._cond.wait()
-                    continue
-                self._syncing = True
-                self._cond.release()
-                try:
-                    self._wal.flush_and_sync()
-                finally:
-                    self._cond.acquire()
-                    self._syncing = False
-                    self._cond.notify_all()

@@ -88,11 +88,9 @@ class SessionStatus(enum.StrEnum):
 class EventKind(enum.StrEnum):
     """What an audit event records. Stored as plain text: a new kind needs no revision."""
 
-    ALERT = "alert"
-    MITIGATION = "mitigation"
-    CORRUPTION = "corruption"
-    ROLLBACK = "rollback"
-    LEASE = "lease"
+    MITIGATION = "mitigation"  # a guard or an operator set a session's memory knobs
+    CORRUPTION = "corruption"  # a damaged file found, or a session quarantined
+    ROLLBACK = "rollback"  # a non-finite update refused, the session rolled back
 
 
 class Base(DeclarativeBase):

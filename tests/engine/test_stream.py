@@ -104,6 +104,17 @@ def test_step_batch_rejects_mismatched_arguments(engine: StreamingEngine) -> Non
         engine.append(engine.init_state(), [1.5])
 
 
+def test_as_tokens_is_the_check_every_caller_shares(engine: StreamingEngine) -> None:
+    ids = engine.as_tokens([3, 1, 259])
+    assert ids.dtype == torch.int64 and ids.device == engine.device and ids.tolist() == [3, 1, 259]
+    with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary"):
+        engine.as_tokens([1, -1])
+    with pytest.raises(ValueError, match="tokens must be 1-D"):
+        engine.as_tokens(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="tokens must be integers"):
+        engine.as_tokens([True])
+
+
 def greedy_chain(engine: StreamingEngine, prompt: list[int], n: int) -> list[int]:
     """The obvious greedy decoder: rerun the whole sequence, argmax over bytes and EOS."""
     seq = list(prompt)

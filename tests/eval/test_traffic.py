@@ -10,6 +10,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 
 from memsvc.engine import StreamingEngine
 from memsvc.eval.traffic import run_stream, stream_bytes, summarize_run, window_growths
@@ -70,3 +71,23 @@ def test_recall_through_runs_both_arms_and_only_noise_is_mitigated() -> None:
     text = recall_through(engine, "sentences", 1024, guard, range(2), length=512)
     assert text.mitigations == 0
     assert text.guarded == text.unguarded  # nothing fired: the same bytes, the same state
+
+
+def test_a_stream_that_goes_non_finite_ends_with_that_entry() -> None:
+    from dataclasses import replace
+
+    from memsvc.eval.traffic import stream_guarded
+    from memsvc.model.model import MAGModel
+    from memsvc.train.recipe import model_config
+    from tests.server.test_operations import HOSTILE_MEMORY
+
+    torch.manual_seed(0)
+    model = MAGModel(replace(model_config("tiny"), memory=HOSTILE_MEMORY)).eval()
+    engine = StreamingEngine(model)
+    state = engine.init_state()
+    _, samples, entries, _ = stream_guarded(
+        engine, state, stream_bytes("adversarial:random", 0), 1 << 16, None, piece=256
+    )
+    assert entries[-1]["kind"] == "non_finite"
+    assert entries[-1]["position"] < 1 << 16  # it ended where the memory broke
+    assert all(math.isfinite(s.memory_norm) for s in samples)

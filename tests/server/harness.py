@@ -168,7 +168,6 @@ def start_service(
         address="127.0.0.1:0",
         admin_key=ADMIN_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         shutdown_grace_s=5.0,
     )
     thread = ServerThread(

@@ -31,7 +31,6 @@ from tests.obs.test_metrics import scrape, value
 from tests.server.harness import (
     ADMIN_KEY,
     MAX_MESSAGE_BYTES,
-    MAX_TOKENS_PER_REQUEST,
     Service,
     start_service,
     stop_service,
@@ -57,7 +56,6 @@ def server_config(**more: object) -> ServerConfig:
         address="127.0.0.1:0",
         admin_key=ADMIN_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
         shutdown_grace_s=5.0,
         **more,
     )

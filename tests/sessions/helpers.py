@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
@@ -37,3 +40,40 @@ def assert_matches_reference(
 
 def flat(batches: Sequence[Sequence[int]]) -> list[int]:
     return [token for batch in batches for token in batch]
+
+
+def poisoned(state: ModelState) -> ModelState:
+    """A copy of ``state`` whose memory weights are infinite: its next memory write goes
+    non-finite (an induced explosion)."""
+    return ModelState.from_dict(
+        {
+            name: torch.full_like(tensor, math.inf) if ".memory.weights." in name else tensor
+            for name, tensor in state.to_dict().items()
+        }
+    )
+
+
+def explosive(state: ModelState) -> ModelState:
+    """A copy of ``state``, finite, whose memory step is scaled by 1e300: its next memory
+    write goes non-finite."""
+    return ModelState.from_dict(
+        {
+            name: torch.full_like(tensor, 1e300) if name.endswith(".memory.step_scale") else tensor
+            for name, tensor in state.to_dict().items()
+        }
+    )
+
+
+def poison(
+    manager: SessionManager,
+    tenant_id: str,
+    session_id: str,
+    how: Callable[[ModelState], ModelState] = poisoned,
+) -> None:
+    """Replaces the session's state in memory with ``how(state)`` (as a fault would: nothing
+    on disk changes). Reaches into the manager: no public call can break a state."""
+    manager.prefetch(tenant_id, session_id)
+    live = manager._books.get(session_id)
+    assert live is not None and live.state is not None
+    with manager._books.holding(live):
+        live.move(how(live.state))

@@ -153,7 +153,7 @@ def test_missing_header_field_or_foreign_file_is_refused(tmp_path: Path) -> None
         read_checkpoint(plain)
 
 
-def test_newest_valid_skips_bad_generations(tmp_path: Path) -> None:
+def test_newest_valid_skips_bad_checkpoints(tmp_path: Path) -> None:
     paths = [tmp_path / f"g{i}" for i in range(4)]
     for i, path in enumerate(paths[:3]):
         _write(path, seed=i, position=100 * i)
@@ -182,22 +182,22 @@ def test_newest_valid_skips_bad_generations(tmp_path: Path) -> None:
     assert newest_valid_checkpoint([]) is None
 
 
-def test_directory_keeps_generations(tmp_path: Path) -> None:
+def test_directory_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
     directory = CheckpointDirectory(tmp_path / "sessions" / "s1")
-    assert directory.generations() == []
+    assert directory.sequences() == []
     assert directory.newest_valid() is None
-    for generation in (1, 2, 3, 10):
+    for sequence in (1, 2, 3, 10):
         written = directory.write(
-            generation,
-            _state(generation),
+            sequence,
+            _state(sequence),
             model_hash=MODEL,
             config_hash=CONFIG,
-            position=generation,
+            position=sequence,
             wal_offset=0,
         )
-        assert written.path == directory.path_for(generation)
+        assert written.path == directory.path_for(sequence)
     (directory.directory / "notes.txt").write_text("not a checkpoint")
-    assert directory.generations() == [10, 3, 2, 1]
+    assert directory.sequences() == [10, 3, 2, 1]
 
     newest = directory.path_for(10)
     newest.write_bytes(newest.read_bytes()[:100])
@@ -207,7 +207,7 @@ def test_directory_keeps_generations(tmp_path: Path) -> None:
     assert rejected == [newest]
 
     assert directory.prune(keep=2) == [directory.path_for(2), directory.path_for(1)]
-    assert directory.generations() == [10, 3]
+    assert directory.sequences() == [10, 3]
     assert (directory.directory / "notes.txt").exists()
     with pytest.raises(ValueError):
         directory.prune(keep=0)
@@ -232,7 +232,7 @@ def test_interrupted_writes_leave_the_old_file_and_removable_temporaries(tmp_pat
 
     leftover = tmp_path / f".{target.name}.deadbeef.tmp"  # as a killed process leaves it
     leftover.write_bytes(b"partial")
-    assert directory.generations() == [1]
+    assert directory.sequences() == [1]
     assert directory.remove_temporaries() == [leftover]
     assert not leftover.exists()
     assert read_checkpoint(target).header.position == 1

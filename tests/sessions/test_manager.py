@@ -1,5 +1,5 @@
 """The session manager's calls: lifecycle, appends (one by one, batched, concurrent), generation,
-queries, checkpoints and their generations, quotas, shutdown."""
+queries, checkpoints and their numbering, quotas, shutdown."""
 
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def test_query_changes_nothing(
     assert_matches_reference(manager, engine, tenant, session, [7, 8, 9, 10])
 
 
-def test_checkpoints_keep_generations_and_cut_the_log(
+def test_checkpoints_keep_the_newest_and_cut_the_log(
     make_manager: MakeManager, engine: StreamingEngine, database: Database, data_dir: Path
 ) -> None:
     manager = make_manager(checkpoint_every_tokens=16, keep_checkpoints=2, wal_truncate_bytes=0)
@@ -270,12 +270,12 @@ def test_checkpoints_keep_generations_and_cut_the_log(
     with database.unit_of_work() as db:
         rows = metadata.list_checkpoints(db, session)
     assert len(rows) == 2 and rows[0].generation > rows[1].generation
-    # The log starts at the OLDEST kept generation, so that one can still be replayed from.
+    # The log starts at the OLDEST kept checkpoint, so that one can still be replayed from.
     assert _log_start(data_dir, session) == rows[1].wal_offset
     assert next(iter(read_wal(_wal_path(data_dir, session)))).position == rows[1].position
     info = manager.checkpoint(tenant, session)
-    assert (info.generation, info.position) == (rows[0].generation + 1, len(flat(batches)))
-    assert manager.checkpoint(tenant, session) == info  # nothing new: the same generation
+    assert (info.sequence, info.position) == (rows[0].generation + 1, len(flat(batches)))
+    assert manager.checkpoint(tenant, session) == info  # nothing new: the same checkpoint
     assert manager.get(tenant, session).durable_position == info.position
     assert Path(info.path).is_file() and info.checksum.startswith("sha256:")
     assert_matches_reference(manager, engine, tenant, session, flat(batches))
@@ -283,7 +283,7 @@ def test_checkpoints_keep_generations_and_cut_the_log(
     with database.unit_of_work() as db:
         kept = [row.generation for row in metadata.list_checkpoints(db, session)]
     directory = CheckpointDirectory(data_dir / "sessions" / session / "checkpoints")
-    assert directory.generations() == kept == [info.generation, rows[0].generation]
+    assert directory.sequences() == kept == [info.sequence, rows[0].generation]
 
 
 def test_files_without_a_row_are_removed_on_restore(
@@ -296,7 +296,7 @@ def test_files_without_a_row_are_removed_on_restore(
     info = manager.checkpoint(tenant, session)
     manager.close()
     directory = CheckpointDirectory(data_dir / "sessions" / session / "checkpoints")
-    orphans = [directory.path_for(info.generation + 1), directory.path_for(0)]
+    orphans = [directory.path_for(info.sequence + 1), directory.path_for(0)]
     for orphan in orphans:  # a checkpoint cut before its row, one whose deletion was lost
         orphan.write_bytes(Path(info.path).read_bytes())
     (directory.directory / ".ckpt-000000000009.safetensors.0a1b2c3d.tmp").write_bytes(b"x")

@@ -35,6 +35,9 @@ class Timings:
     def observe_wal_sync(self, seconds: float) -> None:
         self.heard.append(("wal_sync",))
 
+    def count_rollback(self) -> None:
+        self.heard.append(("rollback",))
+
 
 def test_mitigation_is_applied_durable_and_recorded(
     make_manager: MakeManager, database: Database, engine: StreamingEngine

@@ -8,8 +8,8 @@ import pytest
 
 from memsvc.engine import SamplingParams, StreamingEngine
 from memsvc.sessions.api import AppendResult, InvalidRequestError, QuotaExceededError, Tier
-from memsvc.sessions.layout import max_state_bytes
 from memsvc.sessions.residency import ResidencyTable, tier_below
+from memsvc.sessions.state_check import max_state_bytes
 from tests.sessions.conftest import MakeManager, new_tenant, random_batches
 from tests.sessions.helpers import assert_matches_reference, state_of
 from tests.state_asserts import assert_states_equal

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from memsvc.sessions.wal import (
     HEADER_SIZE,
     CorruptWalHeaderError,
     DamageKind,
-    GroupCommit,
     WalSequenceError,
     WalTruncatedError,
     WriteAheadLog,
@@ -245,69 +243,6 @@ def test_flush_and_sync_only_syncs_new_records(tmp_path: Path) -> None:
         assert wal.durable_offset == 0
         assert wal.flush_and_sync() == end and wal.sync_count == 1
         assert wal.flush_and_sync() == end and wal.sync_count == 1
-
-
-def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
-    """Rounds of 8 threads: all append, then all wait for durability: one fsync per round."""
-    threads, rounds = 8, 5
-    wal = WriteAheadLog.open(tmp_path / "s.wal")
-    group = GroupCommit(wal)
-    order = threading.Lock()
-    appended = threading.Barrier(threads)
-    errors: list[BaseException] = []
-
-    def appender(index: int) -> None:
-        try:
-            for step in range(rounds):
-                with order:  # positions are the log's order
-                    end = wal.append(wal.next_position, [index, step])
-                appended.wait()
-                group.wait_durable(end)
-                assert wal.durable_offset >= end
-                appended.wait()
-        except BaseException as error:
-            errors.append(error)
-            appended.abort()
-
-    workers = [threading.Thread(target=appender, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert errors == []
-    assert wal.sync_count == rounds
-    records = list(wal.replay())
-    assert len(records) == threads * rounds
-    assert sorted((int(r.tokens[0]), int(r.tokens[1])) for r in records) == sorted(
-        (i, s) for i in range(threads) for s in range(rounds)
-    )
-    wal.close()
-
-
-def test_group_commit_under_free_running_threads(tmp_path: Path) -> None:
-    threads, appends = 6, 40
-    wal = WriteAheadLog.open(tmp_path / "s.wal")
-    group = GroupCommit(wal)
-    order = threading.Lock()
-
-    def appender(index: int) -> None:
-        for step in range(appends):
-            with order:
-                end = wal.append(wal.next_position, [index, step])
-            group.wait_durable(end)
-            assert wal.durable_offset >= end
-
-    workers = [threading.Thread(target=appender, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert wal.durable_offset == wal.end_offset
-    assert 1 <= wal.sync_count <= threads * appends
-    assert len(list(wal.replay())) == threads * appends
-    single = group.append(wal.next_position, [1, 2])
-    assert wal.durable_offset == single
-    wal.close()
 
 
 _CHILD = """

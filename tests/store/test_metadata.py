@@ -237,15 +237,15 @@ def test_events(database: Database) -> None:
         other, _ = repo.create_tenant(db, "other")
         session = repo.create_session(db, tenant.id, name="s", model_hash=MODEL)
         payload = {"metric": "update_rate", "value": 0.75, "nested": {"ids": [1, 2]}}
-        repo.record_event(db, tenant.id, EventKind.ALERT, payload, session_id=session.id)
+        repo.record_event(db, tenant.id, EventKind.ROLLBACK, payload, session_id=session.id)
         repo.record_event(db, tenant.id, EventKind.MITIGATION, {"step_size": 0.5})
         repo.record_event(db, other.id, EventKind.CORRUPTION, {"path": "/x"})
     with database.unit_of_work() as db:
         events = repo.list_events(db, tenant.id)
-        assert [e.kind for e in events] == ["mitigation", "alert"]
+        assert [e.kind for e in events] == ["mitigation", "rollback"]
         assert events[1].payload == payload
         assert events[0].session_id is None
-        alerts = repo.list_events(db, tenant.id, session_id=session.id, kind=EventKind.ALERT)
+        alerts = repo.list_events(db, tenant.id, session_id=session.id, kind=EventKind.ROLLBACK)
         assert [e.payload for e in alerts] == [payload]
         assert repo.list_events(db, tenant.id, limit=1)[0].kind == "mitigation"
         assert [e.kind for e in repo.list_events(db, other.id)] == ["corruption"]

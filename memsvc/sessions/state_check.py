@@ -67,6 +67,15 @@ def check_state_layout(
     return ModelState.from_dict(dict(tensors))
 
 
+def is_finite(state: ModelState) -> bool:
+    """Whether every float tensor of ``state`` is finite (one reduction per tensor)."""
+    return all(
+        bool(torch.isfinite(tensor).all())
+        for tensor in state.to_dict().values()
+        if tensor.is_floating_point()
+    )
+
+
 def max_state_bytes(template: ModelState, chunk_size: int) -> int:
     """The bytes of a state like ``template`` with its partial-chunk buffers full (the largest)."""
     per_pending_token = sum(
