@@ -93,10 +93,34 @@ def _add_swap(benches: argparse._SubParsersAction) -> None:
 
 
 # The registration point: one function per `memsvc bench NAME`, in the order --help lists them.
+def _add_decode(benches: argparse._SubParsersAction) -> None:
+    decode = benches.add_parser(
+        "decode",
+        help="generation tokens/s (1, 8, 32 sessions) vs the reference path, bulk append "
+        "and the compute floor (same run)",
+        description=module_description("memsvc.bench.decode"),
+    )
+    decode.add_argument("--model", type=model_dir, default="default", help=MODEL_HELP)
+    decode.add_argument("--tokens", type=int, default=256, help="tokens per decoder generation")
+    decode.add_argument(
+        "--reference-tokens", type=int, default=64, help="tokens per reference generation"
+    )
+    decode.add_argument(
+        "--sessions", type=_int_list, default=[1, 8, 32], help="concurrent generations"
+    )
+    decode.add_argument("--history", type=int, default=256, help="tokens appended before")
+    decode.add_argument("--bulk-tokens", type=int, default=4096, help="tokens of the bulk append")
+    decode.add_argument("--repeats", type=int, default=5)
+    decode.add_argument("--threads", type=int, default=1, help="torch threads (every path)")
+    decode.add_argument("--json", action="store_true", help="print one JSON object")
+    decode.set_defaults(func=deferred("memsvc.bench.decode:run_decode_command"))
+
+
 BENCHES: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_lmm,
     _add_serve,
     _add_swap,
+    _add_decode,
     add_reliability_parser,
 )
 

@@ -2,7 +2,15 @@
 
 No I/O and no sessions: it maps (state, tokens) to (state, outputs)."""
 
+from memsvc.engine.decode import DecodeBatch
 from memsvc.engine.sampling import SamplingParams, sample_next
 from memsvc.engine.stream import AppendStats, Generation, StreamingEngine
 
-__all__ = ["AppendStats", "Generation", "SamplingParams", "StreamingEngine", "sample_next"]
+__all__ = [
+    "AppendStats",
+    "DecodeBatch",
+    "Generation",
+    "SamplingParams",
+    "StreamingEngine",
+    "sample_next",
+]

@@ -6,7 +6,9 @@ special ids (PAD, BOS, QUERY) frame what the client sends, never an answer.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +63,53 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
     Special ids are masked out (EOS kept when params.allow_eos); then greedy
     argmax, or temperature, top-k and top-p filtering and one multinomial draw
     from `generator`, which must live on the logits' device."""
-    logits = logits.float().clone()  # (B, V)
-    banned = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    banned[:N_BYTES] = False
-    if params.allow_eos:
-        banned[EOS_ID] = False
-    logits[:, banned] = float("-inf")
+    logits = _allowed(logits, params)
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(_filtered_probs(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> Tensor:
+    """One token per row of logits (B, V) -> ids (B,) int64, row i with params[i] and
+    generators[i]: the token `sample_next` draws for that row alone. Rows that share
+    their params are masked and filtered as one batch; only the draws are per row (one
+    generator each)."""
+    first = params[0]
+    if any(p != first for p in params):
+        return torch.cat(
+            [
+                sample_next(logits[i : i + 1], p, g)
+                for i, (p, g) in enumerate(zip(params, generators, strict=True))
+            ]
+        )
+    allowed = _allowed(logits, first)
+    if first.greedy:
+        return allowed.argmax(dim=-1)
+    probs = _filtered_probs(allowed, first)
+    return torch.cat(
+        [torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generators)]
+    )
+
+
+def _allowed(logits: Tensor, params: SamplingParams) -> Tensor:
+    """float32 logits with every id that may not be sampled at -inf (adding 0 elsewhere
+    leaves the others exactly as they were)."""
+    return logits.float() + _ban_mask(logits.shape[-1], params.allow_eos, logits.device)
+
+
+@functools.cache
+def _ban_mask(vocab: int, allow_eos: bool, device: torch.device) -> Tensor:
+    mask = torch.full((vocab,), float("-inf"), device=device)
+    mask[:N_BYTES] = 0.0
+    if allow_eos:
+        mask[EOS_ID] = 0.0
+    return mask
+
+
+def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature, top-k and top-p applied to allowed logits (B, V) -> probabilities."""
     # Shifted so the largest is 0 first: dividing by a tiny temperature then gives -inf,
     # never inf (inf - inf is NaN in the softmax).
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
@@ -83,8 +124,7 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
         drop_sorted = before >= params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)  # (B, V)
 
 
 def _is_int(value: object) -> bool:

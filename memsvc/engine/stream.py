@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memsvc.engine.decode import DecodeBatch, StopRule, make_generator
 from memsvc.engine.sampling import SamplingParams, sample_next
 from memsvc.model import MAGModel, ModelState
-from memsvc.model.tokenizer import EOS_ID
+from memsvc.model.decode import Decoder
 
 Tokens = Sequence[int] | Tensor
 
@@ -56,9 +57,16 @@ class StreamingEngine:
     max_segment bounds the tokens of one forward (the activations grow with
     it); it must be a multiple of the memory chunk. use_memory=False runs the
     sliding-window-only ablation: the memory branch reads as zero and its
-    state never changes."""
+    state never changes. fast_decode=False generates through the chunk path
+    (`_forward`) one token at a time: the reference the decoder is held to."""
 
-    def __init__(self, model: MAGModel, max_segment: int = 4096, use_memory: bool = True) -> None:
+    def __init__(
+        self,
+        model: MAGModel,
+        max_segment: int = 4096,
+        use_memory: bool = True,
+        fast_decode: bool = True,
+    ) -> None:
         config = model.config
         self.model = model
         self.use_memory = use_memory
@@ -70,6 +78,12 @@ class StreamingEngine:
             )
         self.max_segment = max_segment
         self.device = model.embed.weight.device
+        # The token-at-a-time decoder (memsvc.model.decode) for generation; it covers
+        # float32 and float64 models, others take the chunk path token by token.
+        self.fast_decode = fast_decode and model.embed.weight.dtype in (
+            torch.float32,
+            torch.float64,
+        )
 
     @torch.no_grad()
     def init_state(self) -> ModelState:
@@ -124,6 +138,31 @@ class StreamingEngine:
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         return Generation(self, state, prompt, params)
 
+    def decode_batch(
+        self,
+        states: Sequence[ModelState],
+        prompts: Sequence[Tokens],
+        params: SamplingParams | Sequence[SamplingParams],
+    ) -> DecodeBatch:
+        """Generate for several sessions at once: the prompts are appended batched
+        (`step_batch`), then every step samples one token per session and feeds them
+        through one decoder step. Session i gets the tokens and final state that
+        `generate(states[i], prompts[i], params[i])` gives (see `DecodeBatch`)."""
+        per_session = [params] * len(states) if isinstance(params, SamplingParams) else params
+        if not len(states) == len(prompts) == len(per_session):
+            raise ValueError(
+                f"{len(states)} states, {len(prompts)} prompts, {len(per_session)} params"
+            )
+        if not states:
+            raise ValueError("decode_batch needs at least one session")
+        ids = [self.as_tokens(p) for p in prompts]
+        if any(len(p) == 0 for p in ids):
+            raise ValueError("generate needs at least one prompt token (sampling starts from it)")
+        appended = self.step_batch(states, ids)
+        decoder = Decoder(self.model, [s for s, _ in appended], self.use_memory)
+        logits = torch.stack([stats.last_logits for _, stats in appended])  # (B, V)
+        return DecodeBatch(decoder, logits, per_session)
+
     def as_tokens(self, tokens: Tokens) -> Tensor:
         """A 1-D int64 tensor on the model's device, every id inside the vocabulary; ValueError
         otherwise. Every call checks its tokens with it; the session layer checks a request's
@@ -176,7 +215,8 @@ class Generation:
     the output ends with a stop sequence (not yielded: tokens that may begin
     one are held back until they cannot). Once exhausted, `state` has seen
     the prompt and exactly the yielded tokens, and `finish_reason` is
-    "length", "eos" or "stop". A given seed gives the same tokens every time.
+    "length", "eos" or "stop". A given seed gives the same tokens every time,
+    on the decoder and on the reference path alike.
     """
 
     def __init__(
@@ -184,11 +224,7 @@ class Generation:
     ) -> None:
         self.state: ModelState | None = None
         self.finish_reason: str | None = None
-        generator = torch.Generator(device=engine.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
+        generator = make_generator(params, engine.device)
         self._steps = self._run(engine, state, prompt, params, generator)
 
     def __iter__(self) -> Iterator[int]:
@@ -205,39 +241,30 @@ class Generation:
         params: SamplingParams,
         generator: torch.Generator,
     ) -> Iterator[int]:
-        stops = [list(seq) for seq in params.stop]
+        rule = StopRule(params)
         logits, state = engine._forward(prompt[None], state)  # (1, V)
-        held: list[tuple[int, ModelState]] = []  # sampled, not yielded: (token, state before it)
-        reason = "length"
-        for _ in range(params.max_new_tokens):
-            token = int(sample_next(logits, params, generator)[0])
-            if token == EOS_ID:
-                reason = "eos"
+        decoder = Decoder(engine.model, [state], engine.use_memory) if engine.fast_decode else None
+        while True:
+            sampled = sample_next(logits, params, generator)  # (1,)
+            token = int(sampled[0])
+            if decoder is None:
+                verdict = rule.accept(token, lambda state=state: state)
+            else:
+                verdict = rule.accept(token, lambda: decoder.state(0))
+            yield from verdict.released
+            if verdict.feed:
+                if decoder is None:
+                    ids = torch.tensor([[token]], device=engine.device)
+                    logits, state = engine._forward(ids, state)
+                else:
+                    logits = decoder.step(sampled)
+            if verdict.finish_reason is not None:
                 break
-            held.append((token, state))
-            ids = [t for t, _ in held]
-            matched = max((len(s) for s in stops if ids[-len(s) :] == s), default=0)
-            if matched:
-                state = held[-matched][1]  # forget the stop sequence's tokens
-                del held[-matched:]
-                reason = "stop"
-                break
-            keep = _open_stop_prefix(ids, stops)
-            for t, _ in held[: len(held) - keep]:
-                yield t
-            del held[: len(held) - keep]
-            logits, state = engine._forward(torch.tensor([[token]], device=engine.device), state)
-        for t, _ in held:
-            yield t
-        self.state, self.finish_reason = state, reason
-
-
-def _open_stop_prefix(ids: list[int], stops: list[list[int]]) -> int:
-    """Length of the longest suffix of ids that a stop sequence begins with (not all of it)."""
-    return max(
-        (n for s in stops for n in range(1, min(len(s) - 1, len(ids)) + 1) if ids[-n:] == s[:n]),
-        default=0,
-    )
+        if verdict.state is not None:
+            state = verdict.state
+        elif decoder is not None:
+            state = decoder.state(0)
+        self.state, self.finish_reason = state, verdict.finish_reason
 
 
 def _check_single(state: ModelState) -> None:

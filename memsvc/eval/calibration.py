@@ -11,7 +11,7 @@ each maximum (p100) over every text stream (real kinds and synthetic sentences),
 the first window. MARGIN (1.25) leaves room for text longer and stranger than what was
 measured; the explosion test stays well inside it (an induced explosion grows the norm
 tens of times per window). The input-entropy band is not model-dependent: it is the
-GuardConfig default (1.0 to 7.5 bits per byte), reported beside the measured spread.
+GuardConfig default (0.5 to 7.5 bits per byte), reported beside the measured spread.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ in this order:
 and, from `observe_input`, at any append once its window is full:
 
     anomalous_input   input_entropy > max_input_entropy (noise: random or compressed bytes)
-                      or input_entropy < min_input_entropy (one or two bytes, repeated);
+                      or input_entropy < min_input_entropy (one byte, repeated);
                       at the step floor already, at most once per window_tokens
 
 and, from `observe_recall` (the recall canary's session), between samples:
@@ -91,7 +91,9 @@ class GuardConfig:
     # Bits per byte of a window's input that no text reaches (docs/GUARDS.md: held-out real
     # text of every kind spans 4.1-6.6, base64 is 6.0, uniform random bytes 7.95).
     max_input_entropy: float = 7.5
-    min_input_entropy: float = 1.0  # below any text (4.1); one repeated byte is 0
+    # Below any text: training sources dip to 1.7 (a table border in a Chinese manual
+    # page); one repeated byte reads 0, two alternating bytes 1.0.
+    min_input_entropy: float = 0.5
     # The input window is short: 1k tokens of noise already cost the reference model a
     # third of its passkey recall, 4k nearly all of it (docs/GUARDS.md).
     input_window_tokens: int = 512

@@ -1,0 +1,134 @@
+"""The Decoder (one token at a time, preallocated buffers) against the model's forward:
+same logits and same state, for any split of a stream, for both memory kinds (the
+delta matrix memory and the deep momentum MLP), a closed write gate, the ops guards'
+mitigation knobs and the memory-off ablation; batched streams equal single ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from memsvc.model import MAGModel
+from memsvc.model.decode import Decoder
+from memsvc.train.recipe import memory_config
+from tests.state_asserts import assert_states_equal
+
+from .conftest import small_config, small_model
+
+TOL = {"rtol": 1e-9, "atol": 1e-9}
+LENGTH = 41  # past the window (8) and several memory chunks (4)
+
+
+def deep_model() -> MAGModel:
+    return small_model(1, memory=memory_config("deep2", 32, chunk_size=4))
+
+
+def gated_model() -> MAGModel:
+    memory = replace(small_config().memory, tau=0.05, adaptive_forgetting=True)
+    return small_model(2, memory=memory)
+
+
+MODELS = {
+    "delta": lambda: small_model(0),
+    "deep2": deep_model,
+    "gated": gated_model,
+    "no-attn-conv": lambda: small_model(3, attn_conv_size=0),
+}
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("split", [0, 1, 3, 9, 22])
+def test_decoder_equals_forward_after_any_split(kind: str, split: int) -> None:
+    model = MODELS[kind]()
+    ids = tokens(LENGTH, seed=split)
+    want_logits, want_state = model(ids, None)
+    _, state = model(ids[:, :split], None) if split else (None, model.init_state(1))
+    decoder = Decoder(model, [state])
+    for t in range(split, LENGTH):
+        logits = decoder.step(ids[0, t : t + 1])
+        torch.testing.assert_close(logits[0], want_logits[0, t], **TOL)
+    assert not logits.requires_grad  # nothing in a step records autograd history
+    assert_states_equal(decoder.state(0), want_state, **TOL)
+
+
+def test_decoder_state_continues_on_the_chunk_path() -> None:
+    model = deep_model()
+    ids = tokens(LENGTH, seed=7)
+    want_logits, want_state = model(ids, None)
+    _, state = model(ids[:, :5], None)
+    decoder = Decoder(model, [state])
+    for t in range(5, 18):
+        decoder.step(ids[0, t : t + 1])
+    logits, state = model(ids[:, 18:], decoder.state(0))
+    torch.testing.assert_close(logits, want_logits[:, 18:], **TOL)
+    assert_states_equal(state, want_state, **TOL)
+
+
+def test_mitigated_state_decodes_like_forward() -> None:
+    model = small_model(0)
+    ids = tokens(30, seed=3)
+    _, state = model(ids[:, :6], None)
+    state = state.with_mitigation(step_scale=0.5, forget_boost=0.2)
+    want_logits, want_state = model(ids[:, 6:], state)
+    decoder = Decoder(model, [state])
+    for t in range(6, 30):
+        logits = decoder.step(ids[0, t : t + 1])
+        torch.testing.assert_close(logits[0], want_logits[0, t - 6], **TOL)
+    assert_states_equal(decoder.state(0), want_state, **TOL)
+
+
+def test_memory_off_decodes_like_forward_and_keeps_the_memory() -> None:
+    model = small_model(0)
+    ids = tokens(20, seed=4)
+    _, state = model(ids[:, :7], None)
+    want_logits, want_state = model(ids[:, 7:], state, use_memory=False)
+    decoder = Decoder(model, [state], use_memory=False)
+    for t in range(7, 20):
+        logits = decoder.step(ids[0, t : t + 1])
+        torch.testing.assert_close(logits[0], want_logits[0, t - 7], **TOL)
+    assert_states_equal(decoder.state(0), want_state, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["delta", "deep2"])
+def test_batched_streams_equal_single_streams(kind: str) -> None:
+    """Streams at different positions and chunk offsets in one decoder, one dropped
+    half way: each gives what it gives alone (batch invariance)."""
+    model = MODELS[kind]()
+    histories = [0, 1, 6, 11, 30]
+    streams = [tokens(h + 14, seed=20 + i) for i, h in enumerate(histories)]
+    states = [
+        model(s[:, :h], None)[1] if h else model.init_state(1)
+        for s, h in zip(streams, histories, strict=True)
+    ]
+    wants = [model(s, None) for s in streams]
+    decoder = Decoder(model, states)
+    alive = list(range(len(streams)))
+    for step in range(14):
+        if step == 6:  # drop stream 2, as a finished generation is
+            decoder.keep([0, 1, 3, 4])
+            alive = [0, 1, 3, 4]
+        ids = torch.cat(
+            [streams[i][0, histories[i] + step : histories[i] + step + 1] for i in alive]
+        )
+        logits = decoder.step(ids)
+        for row, i in enumerate(alive):
+            torch.testing.assert_close(logits[row], wants[i][0][0, histories[i] + step], **TOL)
+    for row, i in enumerate(alive):
+        assert_states_equal(decoder.state(row), wants[i][1], **TOL)
+
+
+def test_float32_decoder_tracks_forward() -> None:
+    model = small_model(0, dtype=torch.float32)
+    ids = tokens(LENGTH, seed=9)
+    want_logits, want_state = model(ids, None)
+    decoder = Decoder(model, [model.init_state(1)])
+    for t in range(LENGTH):
+        logits = decoder.step(ids[0, t : t + 1])
+        torch.testing.assert_close(logits[0], want_logits[0, t], rtol=1e-4, atol=1e-4)
+    assert_states_equal(decoder.state(0), want_state, rtol=1e-4, atol=1e-4)
