@@ -99,7 +99,8 @@ def test_a_query_stops_at_its_deadline_and_changes_nothing(served: Service) -> N
     session_id = _session(served, served.alice)
     before = _position(served, served.alice, session_id)
     request = pb.QueryRequest(
-        session_id=session_id, prompt=_prompt(max_new_tokens=100_000, temperature=0)
+        session_id=session_id,
+        prompt=_prompt(max_new_tokens=100_000, temperature=0, allow_eos=False),
     )
     with pytest.raises(grpc.RpcError) as caught:
         served.stub.Query(request, metadata=served.alice.metadata, timeout=0.5)
@@ -164,7 +165,9 @@ def test_a_generate_past_its_deadline_commits_what_was_written(served: Service) 
     # Its last step, then the commit (which reads the prompt and the tokens again).
     _wait_idle(_scheduler(served), within_s=2.0)
     committed = _position(served, served.alice, session_id) - before - 2
-    assert len(received) <= committed <= len(received) + 1
+    # A write that completes as gRPC cancels the call at its deadline is not seen as
+    # delivered (README limitations): one token either way.
+    assert len(received) - 1 <= committed <= len(received) + 1
 
 
 def test_a_long_query_of_one_tenant_does_not_hold_up_another_tenants_appends(
