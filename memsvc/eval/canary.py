@@ -61,6 +61,7 @@ class CanaryResult:
     correct: int
     total: int
     seconds: float
+    haystack: str = "sentences"
 
     @property
     def recall(self) -> float:
@@ -79,6 +80,15 @@ def canary_facts(count: int, rng: random.Random) -> list[Fact]:
     raise ValueError(f"cannot draw {count} facts about distinct words")
 
 
+# The filler of successive rounds: synthetic sentences and every real kind (held-out
+# sources; the committed sample when no corpus is built), so the canary sees the text
+# agents stream and not only the generator the model was first trained on.
+CANARY_HAYSTACKS = (
+    "sentences", "real:english", "real:code", "real:chinese", "real:json", "real:logs",
+    "real:german", "real:japanese",
+)  # fmt: skip
+
+
 class RecallCanary:
     """Writes known facts into a session and measures recall@k; one `measure` is a round."""
 
@@ -92,6 +102,7 @@ class RecallCanary:
         facts: int = 8,
         gap_tokens: int = 512,
         seed: int = 0,
+        haystacks: Sequence[str] = CANARY_HAYSTACKS,
     ) -> None:
         if facts < 1:
             raise ValueError(f"facts must be >= 1, got {facts}")
@@ -102,6 +113,9 @@ class RecallCanary:
         self.facts = facts
         self.gap_tokens = gap_tokens
         self.seed = seed
+        self.haystacks = tuple(haystacks)
+        if not self.haystacks:
+            raise ValueError("haystacks must name at least one haystack kind")
         self.session_id: str | None = None
         self.rounds = 0
 
@@ -121,7 +135,12 @@ class RecallCanary:
             self.discard()  # its state is unknown now: start over next round
             raise
         result = CanaryResult(
-            self.rounds, session_id, correct, len(facts), time.perf_counter() - began
+            self.rounds,
+            session_id,
+            correct,
+            len(facts),
+            time.perf_counter() - began,
+            self.haystack,
         )
         self.rounds += 1
         return result
@@ -143,8 +162,14 @@ class RecallCanary:
         parts = [self._filler(rng) + fact.statement for fact in facts]
         return encode("".join(parts) + self._filler(rng), bos=bos)
 
+    @property
+    def haystack(self) -> str:
+        """This round's filler: the kinds take turns, synthetic and real text alike."""
+        return self.haystacks[self.rounds % len(self.haystacks)]
+
     def _filler(self, rng: random.Random) -> str:
-        return "".join(haystack_units(rng, "sentences", VOCABULARIES["heldout"], self.gap_tokens))
+        kind = self.haystack
+        return "".join(haystack_units(rng, kind, VOCABULARIES["heldout"], self.gap_tokens))
 
     def _recalls(self, session_id: str, fact: Fact) -> bool:
         answer = encode(fact.answer)
@@ -180,6 +205,7 @@ async def run_canary(
                 recall=result.recall,
                 correct=result.correct,
                 total=result.total,
+                haystack=result.haystack,
                 seconds=round(result.seconds, 3),
             )
             if on_result is not None:

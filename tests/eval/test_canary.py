@@ -221,3 +221,25 @@ def test_the_schedule_reports_rounds_and_failures():
     assert sample("memsvc_canary_recall") == 0.75
     assert sample("memsvc_canary_last_success_timestamp_seconds") > 0
     assert [r.round for r in seen[:2]] == [0, 1]
+
+
+def test_rounds_take_turns_over_synthetic_and_real_text_haystacks():
+    from memsvc.eval.canary import CANARY_HAYSTACKS
+
+    assert CANARY_HAYSTACKS[0] == "sentences"
+    assert {h for h in CANARY_HAYSTACKS if h.startswith("real:")} >= {
+        "real:english", "real:chinese", "real:code", "real:json", "real:logs"
+    }  # fmt: skip
+    oracle = Oracle()
+    canary = oracle.canary(facts=2, gap_tokens=200, haystacks=("sentences", "real:code"))
+    results, rounds = [], []
+    for _ in range(3):
+        before = len("".join(oracle.text.values()))
+        results.append(canary.measure())
+        rounds.append("".join(oracle.text.values())[before:])
+    assert [r.haystack for r in results] == ["sentences", "real:code", "sentences"]
+    assert all(r.recall == 1.0 for r in results)  # the facts stand out of either filler
+    # Synthetic units end with a space, real text comes in lines.
+    assert "\n" not in rounds[0] and "\n" not in rounds[2] and "\n" in rounds[1]
+    with pytest.raises(ValueError, match="haystacks"):
+        oracle.canary(haystacks=())
