@@ -110,6 +110,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "calibration, else 8x a fresh memory's norm)",
     )
     serve.add_argument(
+        "--guard-input-entropy",
+        type=_entropy_band,
+        default=None,
+        metavar="LOW,HIGH",
+        help="bits per byte of a session's latest input outside which its writes are "
+        "damped (default: the model's guards.json, else 0.5,7.5; 0,inf: off)",
+    )
+    serve.add_argument(
         "--segment-tokens",
         type=int,
         default=256,
@@ -195,6 +203,7 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides = {
             "window_tokens": args.guard_window_tokens,
             "norm_bound": args.guard_norm_bound,
+            **_band_fields(args.guard_input_entropy),
         }
         guard_config = default_guard_config(
             engine,
@@ -285,3 +294,22 @@ def run_tenants_create(args: argparse.Namespace) -> int:
         print(f"tenant {tenant.name} ({tenant.id})")
         print(f"API key (shown once, store it): {api_key}")
     return 0
+
+
+def _entropy_band(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(",")
+    try:
+        band = (float(low), float(high))
+    except ValueError:
+        band = (-1.0, -1.0)
+    if not sep or not 0 <= band[0] < band[1]:
+        raise argparse.ArgumentTypeError(
+            f"bad entropy band {text!r}: LOW,HIGH with 0 <= LOW < HIGH"
+        )
+    return band
+
+
+def _band_fields(band: tuple[float, float] | None) -> dict[str, float | None]:
+    if band is None:
+        return {"min_input_entropy": None, "max_input_entropy": None}
+    return {"min_input_entropy": band[0], "max_input_entropy": band[1]}
