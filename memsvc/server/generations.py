@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import torch
 
 from memsvc.engine import Generation, SamplingParams, StreamingEngine
+from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from memsvc.server.fairness import SAMPLED_TOKEN_COST
 from memsvc.server.status import DeadlineExceededError
@@ -161,10 +162,12 @@ class QueryRun(Run):
         tenant_id: str,
         session_id: str,
         deadline: float | None,
+        roll_back: Callable[[NonFiniteStateError], Exception],
     ) -> None:
         super().__init__(tenant_id, session_id, deadline)
         self._loop = loop
         self._engine = engine
+        self._roll_back = roll_back  # a non-finite step: the session's refusal, recorded
         self._state = snapshot
         self._params = params
         ids = torch.as_tensor(list(prompt), dtype=torch.int64)
@@ -190,6 +193,8 @@ class QueryRun(Run):
             self._sampled.append(next(self._generation))
         except StopIteration:
             self._end(list(self._sampled))
+        except NonFiniteStateError as error:
+            self._end(self._roll_back(error))
         except Exception as error:
             self._end(_translated(error))
 

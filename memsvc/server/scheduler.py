@@ -258,6 +258,7 @@ class Scheduler:
                 tenant_id,
                 session_id,
                 deadline,
+                lambda error: self._manager.roll_back(tenant_id, session_id, error, "query"),
             )
             self._submit(lambda: self._runs.append(run))
             try:
