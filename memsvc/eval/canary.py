@@ -10,9 +10,12 @@ lantern? The magic number for lantern is ") and answered greedily with exactly
 as many tokens as the answer has; recall@k is the fraction answered byte for
 byte.
 
-The canary keeps one session across rounds: a first round measures a fresh
-memory, later ones a memory that has been written for hours, which is where
+By default the canary keeps one session across rounds: a first round measures a
+fresh memory, later ones a memory that has been written for hours, which is where
 saturation shows (the session's guard takes the recall, `SessionGuard.observe_recall`).
+`rounds_per_session` N starts a new session every N rounds (the old one is deleted
+when the next round begins): the server's canary asks one fact in a fresh session
+each round, since no shipped model yet holds many keyed facts (docs/GUARDS.md).
 A round that raises deletes its session (best effort) and forgets it, so the
 next round starts a new one and no half-written session is left behind.
 
@@ -103,6 +106,7 @@ class RecallCanary:
         gap_tokens: int = 512,
         seed: int = 0,
         haystacks: Sequence[str] = CANARY_HAYSTACKS,
+        rounds_per_session: int = 0,
     ) -> None:
         if facts < 1:
             raise ValueError(f"facts must be >= 1, got {facts}")
@@ -113,6 +117,10 @@ class RecallCanary:
         self.facts = facts
         self.gap_tokens = gap_tokens
         self.seed = seed
+        if rounds_per_session < 0:
+            raise ValueError(f"rounds_per_session must be >= 0, got {rounds_per_session}")
+        self.rounds_per_session = rounds_per_session  # 0: one session for every round
+        self._session_rounds = 0
         self.haystacks = tuple(haystacks)
         if not self.haystacks:
             raise ValueError("haystacks must name at least one haystack kind")
@@ -123,6 +131,8 @@ class RecallCanary:
         """One round: append new facts with filler, ask each, count exact answers."""
         began = time.perf_counter()
         rng = random.Random(f"canary-{self.seed}-{self.rounds}")
+        if self.rounds_per_session and self._session_rounds >= self.rounds_per_session:
+            self.discard()  # the session had its rounds: the next one starts fresh
         facts = canary_facts(self.facts, rng)
         try:
             fresh = self.session_id is None
@@ -143,12 +153,14 @@ class RecallCanary:
             self.haystack,
         )
         self.rounds += 1
+        self._session_rounds += 1
         return result
 
     def discard(self) -> None:
         """Deletes the canary's session (if it has one and a `delete`) and forgets it; a failed
         delete is logged, never raised: the canary must go on."""
         session_id, self.session_id = self.session_id, None
+        self._session_rounds = 0
         if session_id is None or self._delete is None:
             return
         try:

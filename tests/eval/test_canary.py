@@ -243,3 +243,18 @@ def test_rounds_take_turns_over_synthetic_and_real_text_haystacks():
     assert "\n" not in rounds[0] and "\n" not in rounds[2] and "\n" in rounds[1]
     with pytest.raises(ValueError, match="haystacks"):
         oracle.canary(haystacks=())
+
+
+def test_rounds_per_session_starts_a_new_session_when_the_next_round_begins():
+    deleted: list[str] = []
+    oracle = Oracle()
+    canary = RecallCanary(
+        oracle.create, oracle.append, oracle.query, delete=deleted.append,
+        facts=1, gap_tokens=50, rounds_per_session=2,
+    )  # fmt: skip
+    sessions = [canary.measure().session_id for _ in range(5)]
+    assert sessions == ["s0", "s0", "s1", "s1", "s2"]
+    assert deleted == ["s0", "s1"]  # each deleted as the next round began, not after
+    assert canary.session_id == "s2"
+    with pytest.raises(ValueError, match="rounds_per_session"):
+        oracle.canary(rounds_per_session=-1)
