@@ -117,8 +117,8 @@ def rpc(method: F) -> F:
         )
         log.info("rpc_refused", method=name, code=code.name, reason=reason)
         trailing: tuple[tuple[str, str], ...] = ()
-        if isinstance(error, SessionMovedError) and error.address:
-            trailing = ((OWNER_METADATA, error.address),)
+        if isinstance(error, SessionMovedError):  # empty: refused, the owner's address unknown
+            trailing = ((OWNER_METADATA, error.address or ""),)
         elif isinstance(error, PositionConflictError):
             trailing = ((POSITION_METADATA, str(error.position)),)
         await context.abort(code, reason, trailing_metadata=trailing)

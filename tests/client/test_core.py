@@ -141,6 +141,15 @@ def test_a_call_that_may_not_be_repeated_raises_on_an_unknown_outcome() -> None:
         plan.throw(RESET)
 
 
+def test_a_replica_that_refused_without_knowing_the_owner_is_tried_again_later() -> None:
+    # A replica that does not own the session refused it (so it never ran), and the dead
+    # owner's address is gone: even a call that may not be repeated waits out the lease.
+    plan = Client().unary(calls.generate("s", "go", {}))
+    next(plan)
+    assert isinstance(plan.throw(moved("")), Pause)
+    assert isinstance(plan.send(None), Start)
+
+
 def test_a_call_never_sent_is_repeated_whatever_it_is() -> None:
     plan = Client().unary(calls.fork("s", "copy"))
     next(plan)

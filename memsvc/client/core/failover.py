@@ -68,12 +68,12 @@ class Failover:
         if spent or error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
             return None
         owner = owner_hint(error)
-        if owner is not None and owner != address and self._hops < MAX_HOPS:
+        if owner and owner != address and self._hops < MAX_HOPS:
             self._hops += 1
             self.replicas.moved(self.session_id, owner)
             return 0.0
         self.replicas.failed(address)
-        if owner is None and not not_sent(error):
+        if owner is None and not not_sent(error):  # an owner hint: refused, not run
             if not self.resendable:
                 return None
             self.resent = True

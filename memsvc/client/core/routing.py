@@ -38,7 +38,8 @@ def _trailing(error: grpc.RpcError, key: str) -> str | None:
 
 
 def owner_hint(error: grpc.RpcError) -> str | None:
-    """The owner's address a refusing replica named, if any."""
+    """The owner's address a refusing replica named, if any; "" when it refused the call
+    (it does not own the session) without knowing where the owner serves."""
     if error.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
         return None
     return _trailing(error, OWNER_METADATA)
