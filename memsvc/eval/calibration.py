@@ -33,8 +33,8 @@ def calibrate(summaries: Iterable[Mapping], saturation_fraction: float | None = 
     text = [s for s in summaries if is_text(s["stream"])]
     if not text:
         raise ValueError("calibration needs at least one text stream")
-    fraction = saturation_fraction or GuardConfig(norm_bound=1.0).saturation_fraction
     defaults = GuardConfig(norm_bound=1.0)
+    fraction = saturation_fraction or defaults.saturation_fraction
     max_ratio = max(s["norm_ratio"]["p100"] for s in text)
     max_growth = max(s["norm_growth_per_window"].get("p100", 1.0) for s in text)
     entropies = [s["input_entropy"] for s in text if s.get("input_entropy")]

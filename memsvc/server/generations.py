@@ -20,6 +20,7 @@ step). Flags cross threads as single attribute writes.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
@@ -35,7 +36,7 @@ from memsvc.sessions.generation import SessionGeneration
 _END = object()
 
 
-class Run:
+class Run(ABC):
     """What the scheduler needs of a generation or a query."""
 
     def __init__(self, tenant_id: str, session_id: str, deadline: float | None) -> None:
@@ -56,13 +57,13 @@ class Run:
     def expired(self, now: float) -> bool:
         return self.abandoned or (self.deadline is not None and now >= self.deadline)
 
+    @abstractmethod
     def advance(self) -> None:
         """One step's work (model thread)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self) -> None:
         """Ends it early, past its deadline or with its caller gone (model thread)."""
-        raise NotImplementedError
 
 
 class GenerateRun(Run):

@@ -8,6 +8,7 @@ that carries out a plan made here.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -24,7 +25,7 @@ from memsvc.proto.v1 import memsvc_pb2 as pb
 C = TypeVar("C")  # a replica's connection: (channel, stub)
 
 
-class ClientCore(Generic[C]):
+class ClientCore(ABC, Generic[C]):
     """A tenant's connection to a memsvc server or cluster.
 
     address: one host:port, or several (a sequence, or comma-separated) of the
@@ -52,8 +53,9 @@ class ClientCore(Generic[C]):
         self.failover_s = failover_s
         self.replicas: Replicas[C] = Replicas(addresses, self._connect)
 
+    @abstractmethod
     def _connect(self, address: str) -> C:
-        raise NotImplementedError
+        """The stubs of one replica (each driver opens its own kind of channel)."""
 
     def failover(self, session_id: str | None, *, resendable: bool) -> Failover:
         """A new call's way through the replicas."""
