@@ -26,7 +26,9 @@ from memsvc.model.tokenizer import VOCAB_SIZE
 from memsvc.train.choices import CURRICULA, MEMORY_KINDS, PRESETS, MemoryKind
 from memsvc.train.tasks import (
     Stage,
+    facts_curriculum,
     long_context_curriculum,
+    long_mixed_curriculum,
     recall_curriculum,
     reference_curriculum,
 )
@@ -130,9 +132,11 @@ def curriculum(
         "reference": reference_curriculum,
         "long": long_context_curriculum,
         "recall": recall_curriculum,
+        "facts": facts_curriculum,
+        "long-mixed": long_mixed_curriculum,
     }[name]
     if batch_size is None:
-        return build(window) if name == "long" else build(window, TOKENS_PER_STEP)
+        return build(window) if name.startswith("long") else build(window, TOKENS_PER_STEP)
     first_length = build(window)[0].length
     return build(window, tokens_per_step=batch_size * first_length)
 

@@ -164,3 +164,23 @@ def test_reference_curriculum_starts_inside_the_window_and_grows() -> None:
     assert batch.inputs.shape == (stages[0].batch_size, stages[0].length - 1)
     assert torch.equal(batch.inputs, stages[0].batch(128, seed=0).inputs)
     assert int(batch.answer_mask.sum()) == 5 * stages[0].batch_size
+
+
+@pytest.mark.parametrize("name", ["facts", "long-mixed"])
+def test_fine_tuning_curricula_build_their_batches(name: str) -> None:
+    """Every stage of the facts and long-mixed curricula builds full-length batches on
+    the committed corpus sample; the facts stages start with short values only."""
+    from memsvc.train.recipe import curriculum
+
+    stages = curriculum(128, None, name)
+    for stage in stages[:3]:  # the long ones are the same code at 16k and 32k
+        batch = stage.batch(128, seed=1)
+        assert batch.inputs.shape == (stage.batch_size, stage.length - 1)
+        assert int(batch.answer_mask.sum()) > 0
+    if name == "facts":
+        assert stages[0].kinds == ("facts",) and stages[0].value_kinds == ("digits", "words")
+        answers = stages[1].batch(128, seed=2)
+        texts = decode(answers.targets[answers.answer_mask].tolist())
+        assert "-" not in texts  # no UUIDs in the short-value stages
+    else:
+        assert [s.length for s in stages] == [8192, 16384, 32768]
