@@ -17,6 +17,8 @@ what appending would give (to float tolerance).
 
 The ring is indexed by the decoder's step s (slot s % C), the same slot for
 every stream; a stream's partial chunk occupies the slots before the current one.
+A MemoryStep built at `start` (a stream joining a decoder at step `start`) lays its
+ring out for that step, so `extend` joins two of them by concatenation.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class MemoryStep:
     stream; `write_chunk` completes the chunks that end at this step."""
 
     @torch.no_grad()
-    def __init__(self, memory: NeuralMemory, states: Sequence[MemoryState]) -> None:
+    def __init__(
+        self, memory: NeuralMemory, states: Sequence[MemoryState], start: int = 0
+    ) -> None:
         cfg = memory.config
         self.memory = memory
         self.batch = b = len(states)
@@ -61,18 +65,18 @@ class MemoryStep:
             for i in range(len(states[0].momentum))
         ]
         self.counters = {name: cat(lambda s, k=name: getattr(s, k)).clone() for name in _COUNTERS}
-        self.tokens = cat(lambda s: s.tokens)
+        self.tokens = cat(lambda s: s.tokens) - start  # export adds the decoder's steps
         self.step_scale = cat(lambda s: s.step_scale)
         self.forget_boost = cat(lambda s: s.forget_boost)
         self.last_query = cat(lambda s: s.last_query).clone()  # (B, H, d)
 
-        # Ring of C slots; stream b's p_b pending tokens sit at steps -p_b .. -1.
-        self.pending = [s.pending for s in states]
+        # Ring of C slots; stream b's p_b pending tokens sit at steps start-p_b .. start-1.
+        self.pending = [(s.pending - start) % c for s in states]  # relative to the step
         self.keys = torch.zeros(b, h, c, d, dtype=dtype, device=device)
         self.values = torch.zeros(b, h, c, d, dtype=dtype, device=device)
         self.gates = torch.zeros(b, h, c, 3, dtype=dtype, device=device)
         for i, s in enumerate(states):
-            slots = [(j - s.pending) % c for j in range(s.pending)]
+            slots = [(start + j - s.pending) % c for j in range(s.pending)]
             self.keys[i, :, slots] = s.pending_k[0]
             self.values[i, :, slots] = s.pending_v[0]
             self.gates[i, :, slots] = s.pending_gates[0]
@@ -81,13 +85,7 @@ class MemoryStep:
         retention = 0.0 if cfg.retention == "none" else cfg.max_forget
         scale = torch.tensor([cfg.max_step, cfg.max_momentum, retention], dtype=dtype)
         self.gate_scale = scale.repeat_interleave(h).to(device)  # (3H,)
-        self.mitigation: tuple[Tensor, Tensor] | None = None
-        if bool((self.step_scale != 1).any() or (self.forget_boost != 0).any()):
-            ones = torch.ones_like(self.step_scale)
-            boost = self.forget_boost
-            mul = torch.stack([self.step_scale, ones, 1.0 - boost], dim=1)  # (B, 3)
-            add = torch.stack([0.0 * ones, 0.0 * ones, boost], dim=1)
-            self.mitigation = (mul.repeat_interleave(h, 1), add.repeat_interleave(h, 1))
+        self.mitigation = self._mitigation()
 
         out = memory.out_proj
         self.out_t = None if out is None else out.weight.t().contiguous()
@@ -106,6 +104,17 @@ class MemoryStep:
                         s.pending_v[0],
                         s.pending_gates[0],
                     )
+
+    def _mitigation(self) -> tuple[Tensor, Tensor] | None:
+        """(mul, add) (B, 3H) applied to the squashed gates, or None: no stream mitigated."""
+        if not bool((self.step_scale != 1).any() or (self.forget_boost != 0).any()):
+            return None
+        h = self.memory.config.heads
+        ones = torch.ones_like(self.step_scale)
+        boost = self.forget_boost
+        mul = torch.stack([self.step_scale, ones, 1.0 - boost], dim=1)  # (B, 3)
+        add = torch.stack([0.0 * ones, 0.0 * ones, boost], dim=1)
+        return mul.repeat_interleave(h, 1), add.repeat_interleave(h, 1)
 
     def _bind(self) -> None:
         """Per-slot views of the ring, so a step writes with one copy_ each."""
@@ -202,6 +211,22 @@ class MemoryStep:
         self.pending = [self.pending[i] for i in streams]
         if self.mitigation is not None:
             self.mitigation = (self.mitigation[0][idx], self.mitigation[1][idx])
+
+    def extend(self, other: MemoryStep) -> None:
+        """Append `other`'s streams (built for the same memory at this decoder step)."""
+        self.batch, self.n = self.batch + other.batch, self.n + other.n
+        self.weights = [torch.cat([a, b]) for a, b in zip(self.weights, other.weights, strict=True)]
+        self.momentum = [
+            torch.cat([a, b]) for a, b in zip(self.momentum, other.momentum, strict=True)
+        ]
+        if self.delta:
+            self.running = torch.cat([self.running, other.running])
+        self.counters = {k: torch.cat([v, other.counters[k]]) for k, v in self.counters.items()}
+        for name in ("tokens", "step_scale", "forget_boost", "last_query", "keys", "values", "gates"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self._bind()
+        self.pending = [*self.pending, *other.pending]
+        self.mitigation = self._mitigation()
 
     def export(self, stream: int, steps: int, conv_tail: Tensor) -> MemoryState:
         """Stream `stream`'s single-stream state after `steps` decoder steps.

@@ -45,7 +45,12 @@ class _LayerDecoder:
 
     @torch.no_grad()
     def __init__(
-        self, block: MAGBlock, states: Sequence[BlockState], positions: Tensor, use_memory: bool
+        self,
+        block: MAGBlock,
+        states: Sequence[BlockState],
+        positions: Tensor,
+        use_memory: bool,
+        start: int = 0,
     ) -> None:
         cfg = block.config
         d, h, dh, w, k = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.window, cfg.attn_conv_size
@@ -98,7 +103,7 @@ class _LayerDecoder:
 
         def fill(rows: Tensor, lo: int, hi: int) -> None:  # rows (B, n, ch): steps -n .. -1
             for j in range(rows.shape[1]):
-                slot = (j - rows.shape[1]) % span
+                slot = (start + j - rows.shape[1]) % span
                 self.history[:, slot, lo:hi] = rows[:, j]
                 self.history[:, slot + span, lo:hi] = rows[:, j]
 
@@ -123,10 +128,11 @@ class _LayerDecoder:
         self.mask = torch.zeros(b, h, 1, p + ring, dtype=dtype, device=dev)
         cached_keys = torch.cat([c.keys for c in caches])  # (B, H, W, dh) steps -W .. -1
         cached_values = torch.cat([c.values for c in caches])
-        slots = [(j - w) % ring for j in range(w)]
+        slots = [(start + j - w) % ring for j in range(w)]
         self.raw_keys[:, :, slots] = cached_keys
         self.values[:, :, [p + s for s in slots]] = cached_values
-        cos, sin = _rope_rows(torch.arange(-w, 0), dh, cfg.rope_base, dtype, dev)  # (W, dh)
+        steps = torch.arange(start - w, start)
+        cos, sin = _rope_rows(steps, dh, cfg.rope_base, dtype, dev)  # (W, dh)
         partner = cached_keys.roll(half, dims=-1)
         self.keys[:, :, [p + s for s in slots], :dh] = cached_keys * cos + partner * sin
         real = torch.arange(w, device=dev)[None] >= (w - positions.clamp(max=w))[:, None]
@@ -135,7 +141,9 @@ class _LayerDecoder:
         self.mask[:, :, 0, p:] = invalid[:, None]
 
         self.mem_step = (
-            MemoryStep(self.memory, [s.memory for s in states]) if self.memory is not None else None
+            MemoryStep(self.memory, [s.memory for s in states], start)
+            if self.memory is not None
+            else None
         )
         self.frozen_memory = [s.memory for s in states] if self.memory is None else None
 
@@ -225,6 +233,19 @@ class _LayerDecoder:
         else:
             self.frozen_memory = [self.frozen_memory[i] for i in streams]
 
+    def extend(self, other: _LayerDecoder) -> None:
+        """Append `other`'s streams (a decoder of the same block at the same step)."""
+        for name in ("history", "keys", "values", "raw_keys", "mask"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.batch += other.batch
+        self._bind()
+        if self.mem_step is not None:
+            assert other.mem_step is not None
+            self.mem_step.extend(other.mem_step)
+        else:
+            assert self.frozen_memory is not None and other.frozen_memory is not None
+            self.frozen_memory = [*self.frozen_memory, *other.frozen_memory]
+
     def export(self, stream: int, steps: int) -> BlockState:
         """Stream `stream`'s block state after `steps` steps (the last one is steps - 1)."""
         cfg = self.cfg
@@ -255,10 +276,21 @@ class Decoder:
 
     Streams may sit at different positions and chunk offsets. `states()` gives
     them back as single-stream `ModelState`s after every token fed so far;
-    `keep` drops streams (a finished or cancelled generation)."""
+    `keep` drops streams (a finished or cancelled generation) and `extend` takes
+    in another decoder's (a generation joining a running batch): built with
+    `start` = this decoder's `steps`, its buffers line up slot for slot, so joining
+    is one concatenation per buffer. A decoder's step counter only places tokens in
+    its rings (and RoPE sees distances only), so where it starts changes nothing
+    but the slots."""
 
     @torch.no_grad()
-    def __init__(self, model: MAGModel, states: Sequence[ModelState], use_memory: bool = True):
+    def __init__(
+        self,
+        model: MAGModel,
+        states: Sequence[ModelState],
+        use_memory: bool = True,
+        start: int = 0,
+    ):
         if not states:
             raise ValueError("a decoder needs at least one state")
         for state in states:
@@ -266,15 +298,23 @@ class Decoder:
                 raise ValueError(f"the decoder takes single-stream states, got {state.batch}")
         cfg = model.config
         self.model, self.config = model, cfg
-        self.positions = torch.cat([s.position for s in states])
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        positions = torch.cat([s.position for s in states])
         use_memory = use_memory and cfg.use_memory
+        self.use_memory = use_memory
         self.layers = [
-            _LayerDecoder(block, [s.blocks[i] for s in states], self.positions, use_memory)
+            _LayerDecoder(block, [s.blocks[i] for s in states], positions, use_memory, start)
             for i, block in enumerate(model.blocks)
         ]
-        self.chunk = cfg.memory.chunk_size if use_memory else 0
-        self.pending = [int(s.blocks[0].memory.pending) if use_memory else 0 for s in states]
-        self.steps = 0
+        self.chunk = c = cfg.memory.chunk_size if use_memory else 0
+        # Per stream, relative to the decoder's step counter: position = positions + steps,
+        # and the chunk's pending tokens are (pending + steps) % C.
+        self.positions = positions - start
+        self.pending = [
+            (int(s.blocks[0].memory.pending) - start) % c if use_memory else 0 for s in states
+        ]
+        self.steps = start
         weight = model.embed.weight.detach()
         self.embed = weight
         self.eps = torch.full((1,), cfg.norm_eps, dtype=weight.dtype, device=weight.device)
@@ -302,6 +342,18 @@ class Decoder:
             x = layer.step(x, s, cos, sin, ends)
         self.steps = s + 1
         return torch.mm(x * _inv_rms(x, self.eps), self.head_t)
+
+    def extend(self, other: Decoder) -> None:
+        """Append `other`'s streams after this decoder's (built with start=self.steps)."""
+        if other.steps != self.steps or other.use_memory != self.use_memory:
+            raise ValueError(
+                f"cannot join a decoder at step {other.steps} (memory {other.use_memory}) to "
+                f"one at step {self.steps} (memory {self.use_memory})"
+            )
+        for layer, joining in zip(self.layers, other.layers, strict=True):
+            layer.extend(joining)
+        self.positions = torch.cat([self.positions, other.positions])
+        self.pending = [*self.pending, *other.pending]
 
     def keep(self, streams: list[int]) -> None:
         """Keep only `streams`, in that order (indices into the current batch)."""

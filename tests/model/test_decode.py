@@ -132,3 +132,53 @@ def test_float32_decoder_tracks_forward() -> None:
         logits = decoder.step(ids[0, t : t + 1])
         torch.testing.assert_close(logits[0], want_logits[0, t], rtol=1e-4, atol=1e-4)
     assert_states_equal(decoder.state(0), want_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_streams_joining_a_running_decoder_equal_single_streams(kind: str) -> None:
+    """Streams join a running decoder at random steps (`start` = its step, then `extend`),
+    one of them mitigated, one dropped: each gives what it gives alone."""
+    model = MODELS[kind]()
+    rng = torch.Generator().manual_seed(hash(kind) % 1000)
+    n, steps = 5, 23
+    histories = [int(x) for x in torch.randint(0, 19, (n,), generator=rng)]
+    joins = [0, *sorted(int(x) for x in torch.randint(1, steps - 3, (n - 1,), generator=rng))]
+    streams = [tokens(histories[i] + steps, seed=40 + i) for i in range(n)]
+    states = []
+    for i, s in enumerate(streams):
+        state = model(s[:, : histories[i]], None)[1] if histories[i] else model.init_state(1)
+        if i == 2:
+            state = state.with_mitigation(step_scale=0.5, forget_boost=0.1)
+        states.append(state)
+    wants = [model(s[:, histories[i] :], states[i]) for i, s in enumerate(streams)]
+    decoder, alive, fed = None, [], [0] * n
+    for step in range(steps):
+        for i in [i for i in range(n) if joins[i] == step]:
+            joining = Decoder(model, [states[i]], start=decoder.steps if decoder else 0)
+            if decoder is None:
+                decoder = joining
+            else:
+                decoder.extend(joining)
+            alive.append(i)
+        if step == 15 and 1 in alive:  # a finished generation leaves
+            decoder.keep([r for r, i in enumerate(alive) if i != 1])
+            alive.remove(1)
+        assert decoder is not None
+        ids = torch.cat([streams[i][0, histories[i] + fed[i] : histories[i] + fed[i] + 1] for i in alive])
+        logits = decoder.step(ids)
+        for row, i in enumerate(alive):
+            torch.testing.assert_close(logits[row], wants[i][0][0, fed[i]], **TOL)
+            fed[i] += 1
+    for row, i in enumerate(alive):
+        want = model(streams[i][:, histories[i] : histories[i] + fed[i]], states[i])[1]
+        assert_states_equal(decoder.state(row), want, **TOL)
+
+
+def test_a_decoder_joins_only_at_its_own_step() -> None:
+    model = small_model(0)
+    decoder = Decoder(model, [model.init_state(1)])
+    decoder.step(torch.tensor([5]))
+    with pytest.raises(ValueError, match="step 0"):
+        decoder.extend(Decoder(model, [model.init_state(1)]))
+    with pytest.raises(ValueError, match="start"):
+        Decoder(model, [model.init_state(1)], start=-1)
