@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from memsvc.engine.decode import DecodeBatch, StopRule, make_generator
+from memsvc.engine.pool import DecodePool
 from memsvc.engine.sampling import SamplingParams, sample_next
 from memsvc.model import MAGModel, ModelState
 from memsvc.model.decode import Decoder
@@ -161,7 +162,22 @@ class StreamingEngine:
         appended = self.step_batch(states, ids)
         decoder = Decoder(self.model, [s for s, _ in appended], self.use_memory)
         logits = torch.stack([stats.last_logits for _, stats in appended])  # (B, V)
-        return DecodeBatch(decoder, logits, per_session)
+        starts = [s for s, _ in appended]
+        return DecodeBatch(self.decoder_for, decoder, logits, per_session, starts, self.replay)
+
+    def decode_pool(self) -> DecodePool:
+        """An empty `DecodePool`: generations join it and leave it at any step."""
+        return DecodePool(self)
+
+    def decoder_for(self, states: Sequence[ModelState], start: int = 0) -> Decoder:
+        """Decoder rows for `states`, laid out to join a decoder at step `start`."""
+        return Decoder(self.model, states, self.use_memory, start)
+
+    def replay(self, state: ModelState, tokens: Sequence[int]) -> tuple[ModelState, Tensor]:
+        """`tokens` appended to `state` on the chunk path, and the logits (V,) after them."""
+        state, stats = self.append(state, list(tokens))
+        assert stats.last_logits is not None, "replay needs at least one token"
+        return state, stats.last_logits
 
     def as_tokens(self, tokens: Tokens) -> Tensor:
         """A 1-D int64 tensor on the model's device, every id inside the vocabulary; ValueError
@@ -232,6 +248,10 @@ class Generation:
 
     def __next__(self) -> int:
         return next(self._steps)
+
+    def close(self) -> None:
+        """Stop sampling (nothing to release: the state is the caller's to keep)."""
+        self._steps.close()
 
     def _run(
         self,

@@ -1,12 +1,18 @@
 """Generations and queries that the scheduler advances one token per step.
 
+Both sample in the scheduler's `DecodePool`: every step, one batched decoder
+step gives every running generation of every session its next token, and a
+run takes it from there (`PooledGeneration`; `NoTokenYet` until the pool has
+stepped since its last one).
+
 `GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
-runs in lockstep with the client's stream: a token is sampled only after
-the previous one was written to the client, so at most one sampled token
-is ever unwritten. When the client cancels, or the deadline ends the call,
-the session commits the prompt and exactly the tokens written (a token
-counts once the server has finished writing its message); the one sampled
-but not written is dropped. Run to its end, everything sampled was written.
+hands tokens to the client's stream in lockstep with it: the next token is
+given out only after the previous one was written. The pool may sample a few
+tokens ahead (`DecodePool.ahead`, then the session is parked), but only what
+was written counts: when the client cancels, or the deadline ends the call,
+the session commits the prompt and exactly the tokens written (a token counts
+once the server has finished writing its message); tokens sampled but not
+written are dropped. Run to its end, everything sampled was written.
 
 `QueryRun` is a Query: it samples from a snapshot of the state, so nothing
 it does changes the session. Its prompt is read in pieces (one per step),
@@ -25,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
 
-from memsvc.engine import Generation, SamplingParams, StreamingEngine
+from memsvc.engine import DecodePool, NoTokenYet, PooledGeneration, SamplingParams, StreamingEngine
 from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from memsvc.server.fairness import SAMPLED_TOKEN_COST
@@ -64,6 +70,10 @@ class Run(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Ends it early, past its deadline or with its caller gone (model thread)."""
+
+    @abstractmethod
+    def fail(self, error: Exception) -> None:
+        """Ends it with `error`: the pool it samples in broke (model thread)."""
 
 
 class GenerateRun(Run):
@@ -121,8 +131,11 @@ class GenerateRun(Run):
     def advance(self) -> None:
         try:
             if self._generation is None:
-                self._generation = self._start()
+                self._generation = self._start()  # joins the pool: tokens from its next step
+                return
             token = next(self._generation)
+        except NoTokenYet:
+            return
         except StopIteration:
             assert self._generation is not None
             self.finish_reason = self._generation.finish_reason
@@ -135,13 +148,19 @@ class GenerateRun(Run):
         self._loop.call_soon_threadsafe(self._out.put_nowait, token)
 
     def stop(self) -> None:
+        self._close(None)
+
+    def fail(self, error: Exception) -> None:
+        self._close(error)
+
+    def _close(self, error: Exception | None) -> None:
+        """Commits what the client received, then ends the stream (with `error`, if any)."""
         if self._generation is not None:
             try:
                 self._generation.close(keep=self._written)
-            except Exception as error:
-                self._end(error)
-                return
-        self._end(_END)
+            except Exception as closing:
+                error = closing
+        self._end(_END if error is None else error)
 
     def _end(self, item: object) -> None:
         self.finished = True
@@ -156,6 +175,7 @@ class QueryRun(Run):
         self,
         loop: asyncio.AbstractEventLoop,
         engine: StreamingEngine,
+        pool: DecodePool,
         snapshot: ModelState,
         prompt: Sequence[int],
         params: SamplingParams,
@@ -168,6 +188,7 @@ class QueryRun(Run):
         super().__init__(tenant_id, session_id, deadline)
         self._loop = loop
         self._engine = engine
+        self._pool = pool
         self._roll_back = roll_back  # a non-finite step: the session's refusal, recorded
         self._state = snapshot
         self._params = params
@@ -175,7 +196,7 @@ class QueryRun(Run):
         # All but the last piece are read as appends to the snapshot; sampling starts
         # from the last piece.
         self._pieces = list(ids.split(piece_tokens))
-        self._generation: Generation | None = None
+        self._generation: PooledGeneration | None = None
         self._sampled: list[int] = []
         self.answer: asyncio.Future[list[int]] = loop.create_future()
 
@@ -190,8 +211,12 @@ class QueryRun(Run):
                 if len(self._pieces) > 1:
                     self._state, _ = self._engine.append(self._state, self._pieces.pop(0))
                     return
-                self._generation = self._engine.generate(self._state, self._pieces[0], self._params)
-            self._sampled.append(next(self._generation))
+                self._generation = self._pool.join(self._state, self._pieces[0], self._params)
+                return
+            while True:  # what the pool has sampled so far, then NoTokenYet or the end
+                self._sampled.append(next(self._generation))
+        except NoTokenYet:
+            return
         except StopIteration:
             self._end(list(self._sampled))
         except NonFiniteStateError as error:
@@ -202,7 +227,12 @@ class QueryRun(Run):
     def stop(self) -> None:
         self._end(DeadlineExceededError("the query's deadline passed; the session is unchanged"))
 
+    def fail(self, error: Exception) -> None:
+        self._end(error)
+
     def _end(self, outcome: list[int] | BaseException) -> None:
+        if self._generation is not None:
+            self._generation.close()  # leaves the pool (nothing once it ended)
         self.finished = True
         self._loop.call_soon_threadsafe(_settle, self.answer, outcome)
 

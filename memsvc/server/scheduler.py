@@ -5,7 +5,8 @@ All model work runs on one thread, so the event loop never blocks and forwards
 never compete for the cores. The thread runs *steps*. A step serves up to
 ``step_tokens`` units of work (an appended token is 1, a sampled token
 `SAMPLED_TOKEN_COST`): every running generation and query advances by one
-token, and the appends waiting now are applied together in one
+token, sampled for all of them in one batched decoder step (`DecodePool`), and
+the appends waiting now are applied together in one
 `SessionManager.append_many` call (batched forwards). No request holds the
 thread for more than one step: a bulk append is cut into ``segment_tokens``
 segments, each durable once applied, that take turns with other work; a long
@@ -114,6 +115,7 @@ class Scheduler:
         self._guards = guards
         self.config = config or SchedulerConfig()
         self._fair = FairShare()
+        self._pool = manager.engine.decode_pool()  # model thread only
         self._order = SessionOrder()
         self._wake = threading.Condition()  # guards the queues below
         self._appends: dict[str, deque[_Append]] = {}  # per tenant, in arrival order
@@ -210,7 +212,7 @@ class Scheduler:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             run = GenerateRun(
                 self._event_loop(),
-                lambda: self._manager.generate(tenant_id, session_id, prompt, params),
+                lambda: self._manager.generate(tenant_id, session_id, prompt, params, self._pool),
                 self._poke,
                 tenant_id,
                 session_id,
@@ -251,6 +253,7 @@ class Scheduler:
             run = QueryRun(
                 self._event_loop(),
                 self._manager.engine,
+                self._pool,
                 snapshot,
                 prompt,
                 params,
@@ -346,8 +349,10 @@ class Scheduler:
 
     def _has_work(self) -> bool:
         now = time.monotonic()
-        return any(self._appends.values()) or any(
-            run.ready() or run.expired(now) for run in self._runs
+        return (
+            any(self._appends.values())
+            or self._pool.stepping > 0
+            or any(run.ready() or run.expired(now) for run in self._runs)
         )
 
     def _step(self) -> None:
@@ -372,8 +377,26 @@ class Scheduler:
                 run.advance()
         if step.appends:
             self._apply(step.appends)
+        self._sample()
         with self._wake:
             self._runs = [run for run in self._runs if not run.finished]
+
+    def _sample(self) -> None:
+        """The next token of every pooled generation (one batched decoder step); the runs
+        take them in the next step. A failure here (a bug) ends every run in the pool
+        with the error (a Generate commits what its client received) and starts a
+        fresh pool."""
+        if not self._pool.stepping:
+            return
+        try:
+            self._pool.step()
+        except Exception as error:
+            log.exception("decode_step_failed", generations=len(self._pool))
+            self._pool = self._manager.engine.decode_pool()
+            with self._wake:
+                pooled = [run for run in self._runs if not run.finished]
+            for run in pooled:
+                run.fail(error)
 
     def _pick(self) -> _Step:
         """The step's work, unit by unit to the least-served tenant (lock held)."""

@@ -9,7 +9,8 @@ far are (or only the first ``keep`` of them: `close`). An iterator dropped
 without being closed is closed when it is garbage-collected (with a warning):
 the session's lock must not leak. A step whose update goes non-finite ends it
 with the error ``roll_back`` gives (the session rolled back, nothing committed).
-One consumer at a time; each call may come from a different thread.
+One consumer at a time; each call may come from a different thread. A
+generation from a `DecodePool` raises NoTokenYet until the pool has stepped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from memsvc.engine import Generation
+from memsvc.engine.pool import NoTokenYet, PooledGeneration
 from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 
@@ -35,7 +37,7 @@ class SessionGeneration(Iterator[int]):
     def __init__(
         self,
         session_id: str,
-        generation: Generation,
+        generation: Generation | PooledGeneration,
         commit: Commit,
         release: Callable[[], None],
         roll_back: Callable[[NonFiniteStateError], Exception],
@@ -64,14 +66,18 @@ class SessionGeneration(Iterator[int]):
         except StopIteration:
             self._finish(self._generation.state)
             raise
+        except NoTokenYet:  # a pooled generation between two pool steps
+            raise
         except NonFiniteStateError as error:
             self._done = True
+            self._generation.close()
             try:
                 raise self._roll_back(error) from error  # under the session's lock
             finally:
                 self._release()
         except BaseException:
             self._done = True
+            self._generation.close()
             self._release()
             raise
         self._yielded.append(token)
@@ -87,6 +93,7 @@ class SessionGeneration(Iterator[int]):
 
     def _finish(self, state: ModelState | None) -> None:
         self._done = True
+        self._generation.close()  # a pooled one leaves its pool
         try:
             self._commit(self._yielded, state)
         finally:

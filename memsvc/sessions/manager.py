@@ -66,6 +66,7 @@ import structlog
 import torch
 
 from memsvc.engine import SamplingParams, StreamingEngine
+from memsvc.engine.pool import DecodePool
 from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from memsvc.sessions.api import (
@@ -253,13 +254,19 @@ class SessionManager:
         return results  # type: ignore[return-value]
 
     def generate(
-        self, tenant_id: str, session_id: str, prompt: Sequence[int], params: SamplingParams
+        self,
+        tenant_id: str,
+        session_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        pool: DecodePool | None = None,
     ) -> SessionGeneration:
         """Appends the prompt and samples; see SessionGeneration for what becomes durable when.
 
         The session stays locked until the iterator is exhausted or closed. A
         step that goes non-finite ends the iterator with StateRolledBackError and
-        nothing of it is committed.
+        nothing of it is committed. With `pool` the generation joins it (batched with
+        the pool's other generations; the caller steps the pool).
         """
         self._check_open()
         session = self._resolve(tenant_id, session_id)
@@ -269,7 +276,11 @@ class SessionManager:
             session.check_present()
             start = self._residency.ready(session)
             try:
-                generation = self.engine.generate(start, ids, params)
+                generation = (
+                    self.engine.generate(start, ids, params)
+                    if pool is None
+                    else pool.join(start, ids, params)
+                )
             except ValueError as error:
                 raise InvalidRequestError(str(error)) from error
         except BaseException:
