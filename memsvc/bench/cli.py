@@ -62,9 +62,19 @@ def _add_serve(benches: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the noisy-neighbour case instead (tenant A's heavy work beside B's appends)",
     )
+    serve.add_argument(
+        "--generate",
+        action="store_true",
+        help="concurrent Generate streams vs the engine's batched decoder instead",
+    )
     serve.add_argument("--bulk-tokens", type=int, default=1_000_000, help="--neighbour: A's bulk")
     serve.add_argument("--bulk-append-tokens", type=int, default=65536)
-    serve.add_argument("--generate-tokens", type=int, default=10_000, help="--neighbour: A's")
+    serve.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=10_000,
+        help="--neighbour: A's generation; --generate: per stream (use e.g. 512)",
+    )
     serve.add_argument("--b-appends", type=int, default=40, help="--neighbour: per B session")
     serve.add_argument("--query-deadline", type=float, default=1.0, help="--neighbour: seconds")
     serve.add_argument("--segment-tokens", type=int, default=256, help="--neighbour: server's")

@@ -69,6 +69,10 @@ class Run:
 def run_serve_benchmark(args: argparse.Namespace) -> int:
     if args.neighbour:
         return run_neighbour_benchmark(args)
+    if args.generate:
+        from memsvc.bench.generate import run_generate_benchmark
+
+        return run_generate_benchmark(args)
     if args.tokens_per_session % args.append_tokens:
         raise SystemExit("--tokens-per-session must be a multiple of --append-tokens")
     torch.set_num_threads(args.threads)
@@ -91,7 +95,7 @@ async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[Ru
     seed = torch.Generator().manual_seed(0)
     piece = torch.randint(32, 127, (args.append_tokens,), generator=seed)
     engine = StreamingEngine(load_model(args.model))
-    server, api_key = _server(args, tmp)
+    server, api_key = start_server(args, tmp)
     engine_runs, grpc_runs = [], []
     with server:
         await asyncio.to_thread(server.start)
@@ -109,7 +113,9 @@ async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[Ru
     return engine_runs, grpc_runs
 
 
-def _server(args: argparse.Namespace, tmp: Path) -> tuple[ServerProcess, str]:
+def start_server(
+    args: argparse.Namespace, tmp: Path, extra: tuple[str, ...] = ()
+) -> tuple[ServerProcess, str]:
     """`memsvc serve` on embedded defaults in tmp, and the key of a tenant without limits."""
     data_dir = tmp / "data"
     database = open_database(data_dir, None)
@@ -119,7 +125,7 @@ def _server(args: argparse.Namespace, tmp: Path) -> tuple[ServerProcess, str]:
         )
     database.dispose()
     server_args = ["--model", str(args.model), "--data-dir", str(data_dir)]
-    server_args += ["--threads", str(args.threads)]
+    server_args += ["--threads", str(args.threads), *extra]
     return ServerProcess(server_args, tmp / "server.log", log_level="warning"), api_key
 
 

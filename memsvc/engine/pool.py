@@ -80,13 +80,15 @@ class DecodePool:
         self._members[index] = generation
         return generation
 
-    def step(self) -> None:
-        """One token for every generation being stepped; parks those whose consumer
-        fell `ahead` tokens behind and resumes those that caught up."""
+    def step(self) -> int:
+        """One token for every open generation whose consumer is fewer than `ahead` tokens
+        behind (parked ones that caught up are resumed first; those that fall `ahead`
+        behind are parked). Returns how many generations it advanced."""
         batch = self._batch
         for index, generation in self._members.items():
             if index not in batch.running and len(generation._queue) < self.ahead:
                 batch.resume(index)
+        advanced = len(batch.running)
         for session, token in batch.step():
             self._members[session]._queue.append(token)
         for index, generation in list(self._members.items()):
@@ -95,6 +97,7 @@ class DecodePool:
                 del self._members[index]
             elif len(generation._queue) >= self.ahead:
                 batch.park(index)
+        return advanced
 
     def _close(self, index: int) -> None:
         if index in self._members:

@@ -30,6 +30,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Writes per 1000 tokens: every chunk of every layer written is 1000 * layers / chunk_size
 # (31 for 2 layers of 64-token chunks); the write gate brings it down.
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 RATE_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 # L2 norms of theta_mem span decades between a small model and an exploding session.
 NORM_BUCKETS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6)
@@ -114,6 +115,13 @@ class ServiceMetrics:
             "memsvc_wal_fsync_seconds",
             "One group-commit fsync of a session's write-ahead log.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_batch = Histogram(
+            "memsvc_decode_batch_generations",
+            "Per scheduler step that samples: the generations and queries sampled together in "
+            "one decoder batch.",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.rollbacks = Counter(

@@ -137,7 +137,9 @@ class MemoryServer:
         """Binds and starts serving; returns the port (useful with port 0)."""
         engine = self._manager.engine
         guards = StreamGuards(self._manager, self.metrics, self.guard_config, engine.chunk_size)
-        self.scheduler = Scheduler(self._manager, guards, self.config.scheduling)
+        self.scheduler = Scheduler(
+            self._manager, guards, self.config.scheduling, self.metrics.decode_batch
+        )
         self.scheduler.start()
         server = grpc.aio.server(
             options=self.config.grpc_options(),

@@ -52,6 +52,8 @@ from memsvc.server.status import DeadlineExceededError
 from memsvc.sessions.api import AppendResult, QuotaExceededError
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from memsvc.server.guards import StreamGuards
     from memsvc.sessions.manager import SessionManager
 
@@ -110,8 +112,10 @@ class Scheduler:
         manager: SessionManager,
         guards: StreamGuards | None = None,
         config: SchedulerConfig | None = None,
+        decode_batch: Histogram | None = None,
     ) -> None:
         self._manager = manager
+        self._decode_batch = decode_batch  # observes the generations of each decoder step
         self._guards = guards
         self.config = config or SchedulerConfig()
         self._fair = FairShare()
@@ -386,10 +390,12 @@ class Scheduler:
         take them in the next step. A failure here (a bug) ends every run in the pool
         with the error (a Generate commits what its client received) and starts a
         fresh pool."""
-        if not self._pool.stepping:
+        if not len(self._pool):
             return
         try:
-            self._pool.step()
+            advanced = self._pool.step()
+            if advanced and self._decode_batch is not None:
+                self._decode_batch.observe(advanced)
         except Exception as error:
             log.exception("decode_step_failed", generations=len(self._pool))
             self._pool = self._manager.engine.decode_pool()

@@ -303,3 +303,48 @@ def test_a_call_behind_a_failed_append_is_not_failed_by_it(served: Service) -> N
         refused.result()
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert checkpoint.result().position == 4097
+
+
+def test_concurrent_generations_are_sampled_in_one_batch(served: Service) -> None:
+    """Three Generates of two tenants at once: the scheduler samples them in one decoder
+    batch (the histogram saw steps of 2 and more), and each stream is what its session
+    gives alone (a twin with the same history, generating by itself afterwards)."""
+    import threading
+
+    tenants = [served.alice, served.alice, served.bob]
+    texts = [b"first history", b"second, longer history of this one", b"bob's"]
+    sessions = [_session(served, t, text) for t, text in zip(tenants, texts, strict=True)]
+    params = {"max_new_tokens": 60, "temperature": 0, "allow_eos": False}
+    streams: dict[int, list[int]] = {}
+
+    def generate(i: int, session_id: str) -> None:
+        request = pb.GenerateRequest(session_id=session_id, prompt=_prompt(b">", **params))
+        call = served.stub.Generate(request, metadata=tenants[i].metadata)
+        streams[i] = [t for message in call for t in message.token_ids]
+
+    threads = [
+        threading.Thread(target=generate, args=(i, s)) for i, s in enumerate(sessions)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    registry = _scheduler_metrics(served)
+    steps = registry.get_sample_value("memsvc_decode_batch_generations_count")
+    single = registry.get_sample_value("memsvc_decode_batch_generations_bucket", {"le": "1.0"})
+    assert steps is not None and single is not None and steps - single > 0
+    for i, session_id in enumerate(sessions):
+        assert len(streams[i]) == 60
+        twin = _session(served, tenants[i], texts[i])
+        request = pb.GenerateRequest(session_id=twin, prompt=_prompt(b">", **params))
+        alone = [
+            t for m in served.stub.Generate(request, metadata=tenants[i].metadata)
+            for t in m.token_ids
+        ]
+        assert streams[i] == alone, i
+        assert _position(served, tenants[i], session_id) == _position(served, tenants[i], twin)
+
+
+def _scheduler_metrics(service: Service):
+    assert service.thread.server is not None
+    return service.thread.server.metrics.registry

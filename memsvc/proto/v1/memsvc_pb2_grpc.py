@@ -167,11 +167,12 @@ class MemoryServiceServicer:
     def Generate(self, request, context):
         """Appends the prompt, then samples tokens; both become part of the session's
         stream. Tokens are sent as they are sampled; the last message has `done` set.
-        The server samples a token only once the previous one's message was
-        written, so a slow reader slows the generation rather than piling tokens
-        up. If the call ends early (the client cancels, or the deadline passes),
-        the session keeps the prompt and exactly the tokens whose messages the
-        server finished writing; the token being sampled is dropped. A client that
+        The server writes a token only once the previous one's message was
+        written, and samples at most 4 tokens ahead of the writes, so a slow
+        reader slows the generation rather than piling tokens up. If the call ends
+        early (the client cancels, or the deadline passes), the session keeps the
+        prompt and exactly the tokens whose messages the server finished writing;
+        tokens sampled but not written are dropped. A client that
         cancels mid-stream may not have read the last written token: GetSession's
         position tells. Sampling stops within one step of the end of the call.
         """

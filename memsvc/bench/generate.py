@@ -1,0 +1,172 @@
+"""`memsvc bench serve --generate`: concurrent Generate streams through gRPC beside the
+engine's batched decoder, same run.
+
+For each concurrency N (1, 8, 32 by default) N sessions each generate
+``--generate-tokens`` tokens at once (greedy, EOS off, so every stream runs its full
+length), on two paths one after the other on the same model and threads:
+
+    engine   StreamingEngine.decode_batch over N states in this process: the
+             batched decoder with no network, no sessions, no durability.
+    grpc     the service: async SDK -> gRPC (loopback) -> scheduler, whose steps
+             sample every running generation in one decoder batch (`DecodePool`)
+             -> the commit of each generation (WAL fsync), in a `memsvc serve`
+             child process.
+
+Reported: aggregate tokens/s of both paths, grpc / engine, and the batching each
+path gets (aggregate at N / aggregate at 1; the goal for 32 is >= 4x). The client
+runs on the same cores as the server: see cpu_count and load_average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from memsvc.bench.serve import start_server
+from memsvc.client.aio import AsyncMemoryClient
+from memsvc.engine import SamplingParams, StreamingEngine
+from memsvc.model.io import load_model, model_hash
+from memsvc.runtime import tune_allocator
+
+BATCHING_GOAL = 4.0  # aggregate at 32 concurrent generations / at 1
+
+
+@dataclass(frozen=True)
+class GenerateRun:
+    sessions: int
+    tokens: int  # over all sessions
+    seconds: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def run_generate_benchmark(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as tmp:
+        most = str(max(args.sessions))  # one tenant runs them all
+        limits = ("--max-generations-per-tenant", most, "--max-new-tokens", str(args.generate_tokens))
+        server, api_key = start_server(args, Path(tmp), limits)
+        engine_runs, grpc_runs = asyncio.run(_runs(args, server, api_key))
+    report = _report(args, engine_runs, grpc_runs, (load_before, os.getloadavg()[0]))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+async def _runs(args, server, api_key: str) -> tuple[list[GenerateRun], list[GenerateRun]]:
+    engine = StreamingEngine(load_model(args.model))
+    tokens = args.generate_tokens
+    engine_runs, grpc_runs = [], []
+    with server:
+        await asyncio.to_thread(server.start)
+        async with AsyncMemoryClient(server.address, api_key, timeout=None) as client:
+            await asyncio.to_thread(_engine_run, engine, 1, 8)  # warm-up: one-off costs
+            await _grpc_run(client, 1, 8)
+            for sessions in args.sessions:
+                engine_runs.append(await asyncio.to_thread(_engine_run, engine, sessions, tokens))
+                grpc_runs.append(await _grpc_run(client, sessions, tokens))
+        await asyncio.to_thread(server.stop)
+    return engine_runs, grpc_runs
+
+
+def _engine_run(engine: StreamingEngine, sessions: int, tokens: int) -> GenerateRun:
+    params = SamplingParams(temperature=0, allow_eos=False, max_new_tokens=tokens)
+    states = [engine.init_state() for _ in range(sessions)]
+    started = time.perf_counter()
+    produced = sum(1 for _ in engine.decode_batch(states, [[65]] * sessions, params))
+    return GenerateRun(sessions, produced, time.perf_counter() - started)
+
+
+async def _grpc_run(client: AsyncMemoryClient, sessions: int, tokens: int) -> GenerateRun:
+    created = [await client.create_session(f"gen-{sessions}-{i}") for i in range(sessions)]
+    counts = [0] * sessions
+
+    async def generate(i: int) -> None:
+        sampling = {"temperature": 0.0, "allow_eos": False, "max_new_tokens": tokens}
+        async for text in created[i].generate("A", **sampling):
+            counts[i] += len(text.encode("utf-8", "surrogateescape"))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(generate(i) for i in range(sessions)))
+    seconds = time.perf_counter() - started
+    for session in created:
+        await session.delete()
+    return GenerateRun(sessions, sum(counts), seconds)
+
+
+def _report(args, engine_runs, grpc_runs, load_average) -> dict:
+    def ratio(runs: list[GenerateRun], n: int) -> float | None:
+        by = {r.sessions: r for r in runs}
+        return by[n].tok_per_s / by[1].tok_per_s if n in by and 1 in by else None
+
+    rows = [
+        {
+            "sessions": e.sessions,
+            "engine": {**asdict(e), "tok_per_s": e.tok_per_s},
+            "grpc": {**asdict(g), "tok_per_s": g.tok_per_s},
+            "grpc_vs_engine": g.tok_per_s / e.tok_per_s,
+            "engine_vs_1": ratio(engine_runs, e.sessions),
+            "grpc_vs_1": ratio(grpc_runs, g.sessions),
+        }
+        for e, g in zip(engine_runs, grpc_runs, strict=True)
+    ]
+    goals = {}
+    if (value := ratio(grpc_runs, 32)) is not None:
+        goals["grpc_32_vs_1_generations"] = {
+            "value": value,
+            "goal": BATCHING_GOAL,
+            "met": value >= BATCHING_GOAL,
+        }
+    return {
+        "model": str(args.model),
+        "model_hash": model_hash(args.model),
+        "generate_tokens": args.generate_tokens,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average": load_average,
+        "torch": torch.__version__,
+        "rows": rows,
+        "goals": goals,
+    }
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"concurrent generations through gRPC vs the engine's batched decoder "
+        f"({report['generate_tokens']:,} tokens each, {report['threads']} threads)"
+    )
+    for column in ("generations", "engine tok/s", "grpc tok/s", "grpc / engine", "engine xN/1",
+                   "grpc xN/1"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        table.add_row(
+            str(row["sessions"]),
+            f"{row['engine']['tok_per_s']:,.0f}",
+            f"{row['grpc']['tok_per_s']:,.0f}",
+            f"{row['grpc_vs_engine']:.0%}",
+            f"{row['engine_vs_1']:.2f}x" if row["engine_vs_1"] else "",
+            f"{row['grpc_vs_1']:.2f}x" if row["grpc_vs_1"] else "",
+        )
+    console = Console()
+    console.print(table)
+    for name, goal in report["goals"].items():
+        mark = "met" if goal["met"] else "NOT met"
+        console.print(f"{name}: {goal['value']:.2f} (goal >= {goal['goal']}) {mark}")
+    console.print(f"load average before/after: {report['load_average']}")
