@@ -93,19 +93,20 @@ def _engine_run(engine: StreamingEngine, sessions: int, tokens: int) -> Generate
 
 async def _grpc_run(client: AsyncMemoryClient, sessions: int, tokens: int) -> GenerateRun:
     created = [await client.create_session(f"gen-{sessions}-{i}") for i in range(sessions)]
-    counts = [0] * sessions
 
-    async def generate(i: int) -> None:
+    async def generate(session) -> None:
         sampling = {"temperature": 0.0, "allow_eos": False, "max_new_tokens": tokens}
-        async for text in created[i].generate("A", **sampling):
-            counts[i] += len(text.encode("utf-8", "surrogateescape"))
+        async for _ in session.generate("A", **sampling):
+            pass
 
     started = time.perf_counter()
-    await asyncio.gather(*(generate(i) for i in range(sessions)))
+    await asyncio.gather(*(generate(session) for session in created))
     seconds = time.perf_counter() - started
-    for session in created:
+    produced = 0
+    for session in created:  # the session's position: the prompt byte and what was generated
+        produced += (await session.refresh()).position - 1
         await session.delete()
-    return GenerateRun(sessions, sum(counts), seconds)
+    return GenerateRun(sessions, produced, seconds)
 
 
 def _report(args, engine_runs, grpc_runs, load_average) -> dict:

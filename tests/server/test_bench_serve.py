@@ -43,3 +43,21 @@ def test_bench_serve_neighbour_reports_b_alone_and_beside_a(
     assert ratio["value"] == pytest.approx(b["beside_a"]["p99_ms"] / b["alone"]["p99_ms"])
     assert ratio["goal"] == 2.0
     assert report["goals"]["abandoned_query_stop_s"]["value"] >= 0
+
+
+def test_bench_serve_generate_reports_both_paths(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "serve", "--generate", "--model", str(model_dir), "--threads", "1"]
+    argv += ["--sessions", "1,3", "--generate-tokens", "40", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["sessions"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        for path in ("engine", "grpc"):  # EOS off: every stream runs its full length
+            assert row[path]["tokens"] == row["sessions"] * 40
+            assert row[path]["tok_per_s"] > 0
+        assert row["grpc_vs_1"] == pytest.approx(
+            row["grpc"]["tok_per_s"] / report["rows"][0]["grpc"]["tok_per_s"]
+        )
+    assert "grpc_32_vs_1_generations" not in report["goals"]  # 32 were not run
