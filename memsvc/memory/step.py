@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels.delta_rule.chunk import delta_chunk
 from memsvc.memory.neural_memory import NeuralMemory
 from memsvc.memory.state import MemoryState
 
@@ -259,11 +260,6 @@ def _normalize(x: Tensor) -> Tensor:
 
 def _delta_prefix(w0: Tensor, k: Tensor, v: Tensor, gates: Tensor) -> Tensor:
     """The delta rule's weights after the tokens k, v, gates (H, P, .) from w0 (H, d, d),
-    token by token as `MemoryStep.step` runs them."""
-    w = w0.clone()
-    for t in range(k.shape[1]):
-        kt, vt = k[:, t : t + 1], v[:, t : t + 1]
-        a = (1.0 - gates[:, t, 2]).view(-1, 1, 1)
-        r = (torch.bmm(kt, w) * a - vt) * gates[:, t, 0].view(-1, 1, 1)
-        w = w * a - torch.bmm(kt.transpose(1, 2), r)
-    return w
+    as `MemoryStep.step` runs them token by token: the chunk form's end weights
+    (`delta_chunk`, one triangular solve instead of P steps)."""
+    return delta_chunk(w0, k[:, -1:], k, v, gates[..., 0], gates[..., 2]).weights

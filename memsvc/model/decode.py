@@ -27,7 +27,7 @@ holds them equal (logits and state, any split).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,10 +165,13 @@ class _LayerDecoder:
         b, h, dh, cc = self.batch, cfg.n_heads, cfg.head_dim, self.conv_ch
         self.hist_now = [(self.history[:, i], self.history[:, i + span]) for i in range(span)]
         self.windows = [self.history[:, i + 1 : i + 1 + span] for i in range(span)]
-        self.key_slots = [self.keys[:, :, p + j, :dh] for j in range(self.ring)]
-        self.value_slots = [self.values[:, :, p + j] for j in range(self.ring)]
-        self.raw_slots = [self.raw_keys[:, :, j] for j in range(self.ring)]
-        self.mask_slots = [self.mask[:, :, 0, p + j] for j in range(self.ring)]
+        # The ring's views are made when a step first writes the slot: binding all W + 1
+        # of them here would cost a join or a leave of the batch milliseconds.
+        keys, values, raw, mask = self.keys, self.values, self.raw_keys, self.mask
+        self.key_slots = _Views(self.ring, lambda j: keys[:, :, p + j, :dh])
+        self.value_slots = _Views(self.ring, lambda j: values[:, :, p + j])
+        self.raw_slots = _Views(self.ring, lambda j: raw[:, :, j])
+        self.mask_slots = _Views(self.ring, lambda j: mask[:, :, 0, p + j])
         n_keys = self.keys.shape[2]
         self.mask_bh = self.mask.view(b * h, 1, n_keys)
         self.keys_t = self.keys.view(b * h, n_keys, 2 * dh).transpose(1, 2)
@@ -389,6 +392,20 @@ class Decoder:
         cos, sin = self._rope
         j = step - self._rope_base
         return cos[j], sin[j]
+
+
+class _Views:
+    """Views of one buffer by slot, each made on first use and kept."""
+
+    def __init__(self, n: int, make: Callable[[int], Tensor]) -> None:
+        self._make = make
+        self._views: list[Tensor | None] = [None] * n
+
+    def __getitem__(self, j: int) -> Tensor:
+        view = self._views[j]
+        if view is None:
+            view = self._views[j] = self._make(j)
+        return view
 
 
 def _rope_rows(
