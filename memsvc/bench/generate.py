@@ -56,7 +56,12 @@ def run_generate_benchmark(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as tmp:
         most = str(max(args.sessions))  # one tenant runs them all
-        limits = ("--max-generations-per-tenant", most, "--max-new-tokens", str(args.generate_tokens))
+        limits = (
+            "--max-generations-per-tenant",
+            most,
+            "--max-new-tokens",
+            str(args.generate_tokens),
+        )
         server, api_key = start_server(args, Path(tmp), limits)
         engine_runs, grpc_runs = asyncio.run(_runs(args, server, api_key))
     report = _report(args, engine_runs, grpc_runs, (load_before, os.getloadavg()[0]))

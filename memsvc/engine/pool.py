@@ -93,7 +93,9 @@ class DecodePool:
             self._members[session]._queue.append(token)
         for index, generation in list(self._members.items()):
             if batch.finish_reasons[index] is not None:
-                generation._end(batch.states[index], batch.finish_reasons[index], batch.errors[index])
+                generation._end(
+                    batch.states[index], batch.finish_reasons[index], batch.errors[index]
+                )
                 del self._members[index]
             elif len(generation._queue) >= self.ahead:
                 batch.park(index)

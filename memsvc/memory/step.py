@@ -41,9 +41,7 @@ class MemoryStep:
     stream; `write_chunk` completes the chunks that end at this step."""
 
     @torch.no_grad()
-    def __init__(
-        self, memory: NeuralMemory, states: Sequence[MemoryState], start: int = 0
-    ) -> None:
+    def __init__(self, memory: NeuralMemory, states: Sequence[MemoryState], start: int = 0) -> None:
         cfg = memory.config
         self.memory = memory
         self.batch = b = len(states)
@@ -223,7 +221,15 @@ class MemoryStep:
         if self.delta:
             self.running = torch.cat([self.running, other.running])
         self.counters = {k: torch.cat([v, other.counters[k]]) for k, v in self.counters.items()}
-        for name in ("tokens", "step_scale", "forget_boost", "last_query", "keys", "values", "gates"):
+        for name in (
+            "tokens",
+            "step_scale",
+            "forget_boost",
+            "last_query",
+            "keys",
+            "values",
+            "gates",
+        ):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self._bind()
         self.pending = [*self.pending, *other.pending]

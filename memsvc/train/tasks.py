@@ -464,8 +464,16 @@ def long_mixed_curriculum(window: int = 128, tokens_per_step: int = 32768) -> tu
 
     def stage(name: str, length: int, steps: int) -> Stage:
         batch_size = max(1, tokens_per_step // length)
-        return Stage(name, length, "out_of_window", steps, batch_size, distractor_rate=0.1,
-                     kinds=("passkey", "number", "facts"), haystacks=REAL_AND_SYNTHETIC,
-                     max_facts=8)
+        return Stage(
+            name,
+            length,
+            "out_of_window",
+            steps,
+            batch_size,
+            distractor_rate=0.1,
+            kinds=("passkey", "number", "facts"),
+            haystacks=REAL_AND_SYNTHETIC,
+            max_facts=8,
+        )
 
     return (stage("long-8k", 8192, 40), stage("long-16k", 16384, 60), stage("long-32k", 32768, 80))

@@ -164,7 +164,9 @@ def test_streams_joining_a_running_decoder_equal_single_streams(kind: str) -> No
             decoder.keep([r for r, i in enumerate(alive) if i != 1])
             alive.remove(1)
         assert decoder is not None
-        ids = torch.cat([streams[i][0, histories[i] + fed[i] : histories[i] + fed[i] + 1] for i in alive])
+        ids = torch.cat(
+            [streams[i][0, histories[i] + fed[i] : histories[i] + fed[i] + 1] for i in alive]
+        )
         logits = decoder.step(ids)
         for row, i in enumerate(alive):
             torch.testing.assert_close(logits[row], wants[i][0][0, fed[i]], **TOL)

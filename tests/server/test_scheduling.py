@@ -322,9 +322,7 @@ def test_concurrent_generations_are_sampled_in_one_batch(served: Service) -> Non
         call = served.stub.Generate(request, metadata=tenants[i].metadata)
         streams[i] = [t for message in call for t in message.token_ids]
 
-    threads = [
-        threading.Thread(target=generate, args=(i, s)) for i, s in enumerate(sessions)
-    ]
+    threads = [threading.Thread(target=generate, args=(i, s)) for i, s in enumerate(sessions)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -338,7 +336,8 @@ def test_concurrent_generations_are_sampled_in_one_batch(served: Service) -> Non
         twin = _session(served, tenants[i], texts[i])
         request = pb.GenerateRequest(session_id=twin, prompt=_prompt(b">", **params))
         alone = [
-            t for m in served.stub.Generate(request, metadata=tenants[i].metadata)
+            t
+            for m in served.stub.Generate(request, metadata=tenants[i].metadata)
             for t in m.token_ids
         ]
         assert streams[i] == alone, i
