@@ -12,7 +12,10 @@ sampled, raises `NoTokenYet` when the pool has not stepped since the last one, a
 StopIteration once the generation ended (`state` and `finish_reason` set, as
 `Generation` leaves them). Tokens a consumer has not taken yet are at most
 `ahead`: past that the session is parked (taken out of the steps, its state kept)
-until its consumer catches up, so a slow reader costs the others nothing.
+until its consumer has taken half of them, so a slow reader costs the others
+nothing. Parking and resuming cost a state export and a decoder build (about as
+much as ten steps), so `ahead` is large enough that a reader slower than the pool
+pays them once per `ahead / 2` tokens, not once per token.
 `close()` ends a generation early and leaves `state` None: tokens sampled and not
 taken were fed already, so a consumer that commits what it took recomputes the
 state from its start (as `SessionGeneration` does).
@@ -36,7 +39,7 @@ from memsvc.model import ModelState
 if TYPE_CHECKING:
     from memsvc.engine.stream import StreamingEngine
 
-DEFAULT_AHEAD = 4  # tokens a generation may sample before its consumer takes them
+DEFAULT_AHEAD = 64  # tokens a generation may sample before its consumer takes them
 
 
 class NoTokenYet(Exception):
@@ -82,11 +85,11 @@ class DecodePool:
 
     def step(self) -> int:
         """One token for every open generation whose consumer is fewer than `ahead` tokens
-        behind (parked ones that caught up are resumed first; those that fall `ahead`
-        behind are parked). Returns how many generations it advanced."""
+        behind (parked ones whose consumer took half of its tokens are resumed first;
+        those that fall `ahead` behind are parked). Returns how many it advanced."""
         batch = self._batch
         for index, generation in self._members.items():
-            if index not in batch.running and len(generation._queue) < self.ahead:
+            if index not in batch.running and len(generation._queue) <= self.ahead // 2:
                 batch.resume(index)
         advanced = len(batch.running)
         for session, token in batch.step():

@@ -7,9 +7,9 @@ stepped since its last one).
 
 `GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
 hands tokens to the client's stream in lockstep with it: the next token is
-given out only after the previous one was written. The pool may sample a few
-tokens ahead (`DecodePool.ahead`, then the session is parked), but only what
-was written counts: when the client cancels, or the deadline ends the call,
+given out only after the previous ones were written (up to `HANDOVER` at a
+time, whatever the pool has sampled). The pool may sample ahead of the writes
+(`DecodePool.ahead`, then the session is parked), but only what was written counts: when the client cancels, or the deadline ends the call,
 the session commits the prompt and exactly the tokens written (a token counts
 once the server has finished writing its message); tokens sampled but not
 written are dropped. Run to its end, everything sampled was written.
@@ -40,6 +40,7 @@ from memsvc.sessions.api import InvalidRequestError
 from memsvc.sessions.generation import SessionGeneration
 
 _END = object()
+HANDOVER = 16  # tokens a Generate hands its stream at most per step
 
 
 class Run(ABC):
@@ -129,23 +130,29 @@ class GenerateRun(Run):
         return self.abandoned
 
     def advance(self) -> None:
-        try:
-            if self._generation is None:
+        if self._generation is None:
+            try:
                 self._generation = self._start()  # joins the pool: tokens from its next step
-                return
-            token = next(self._generation)
+            except Exception as error:
+                self._end(_translated(error))
+            return
+        tokens: list[int] = []
+        end: object | None = None
+        try:
+            while len(tokens) < HANDOVER:
+                tokens.append(next(self._generation))
         except NoTokenYet:
-            return
+            pass
         except StopIteration:
-            assert self._generation is not None
             self.finish_reason = self._generation.finish_reason
-            self._end(_END)
-            return
+            end = _END
         except Exception as error:
-            self._end(error if self._generation is not None else _translated(error))
-            return
-        self._sampled += 1
-        self._loop.call_soon_threadsafe(self._out.put_nowait, token)
+            end = error
+        if tokens:
+            self._sampled += len(tokens)
+            self._loop.call_soon_threadsafe(_put_all, self._out, tokens)
+        if end is not None:
+            self._end(end)
 
     def stop(self) -> None:
         self._close(None)
@@ -235,6 +242,11 @@ class QueryRun(Run):
             self._generation.close()  # leaves the pool (nothing once it ended)
         self.finished = True
         self._loop.call_soon_threadsafe(_settle, self.answer, outcome)
+
+
+def _put_all(queue: asyncio.Queue[object], items: list[int]) -> None:
+    for item in items:
+        queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:

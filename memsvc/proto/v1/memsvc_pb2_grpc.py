@@ -168,7 +168,7 @@ class MemoryServiceServicer:
         """Appends the prompt, then samples tokens; both become part of the session's
         stream. Tokens are sent as they are sampled; the last message has `done` set.
         The server writes a token only once the previous one's message was
-        written, and samples at most 4 tokens ahead of the writes, so a slow
+        written, and samples at most 64 tokens ahead of the writes, so a slow
         reader slows the generation rather than piling tokens up. If the call ends
         early (the client cancels, or the deadline passes), the session keeps the
         prompt and exactly the tokens whose messages the server finished writing;
