@@ -6,13 +6,14 @@ run takes it from there (`PooledGeneration`; `NoTokenYet` until the pool has
 stepped since its last one).
 
 `GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
-hands tokens to the client's stream in lockstep with it: the next token is
-given out only after the previous ones were written (up to `HANDOVER` at a
-time, whatever the pool has sampled). The pool may sample ahead of the writes
-(`DecodePool.ahead`, then the session is parked), but only what was written counts: when the client cancels, or the deadline ends the call,
-the session commits the prompt and exactly the tokens written (a token counts
-once the server has finished writing its message); tokens sampled but not
-written are dropped. Run to its end, everything sampled was written.
+hands tokens to the client's stream in lockstep with it: tokens are given out
+only after the previous ones were written (up to `HANDOVER` at a time, what the
+pool has sampled). The pool may sample ahead of the writes (`DecodePool.ahead`,
+then the session is parked), but only what was written counts: when the client
+cancels, or the deadline ends the call, the session commits the prompt and
+exactly the tokens written (a token counts once the server has finished writing
+its message); tokens sampled but not written are dropped. Run to its end,
+everything sampled was written.
 
 `QueryRun` is a Query: it samples from a snapshot of the state, so nothing
 it does changes the session. Its prompt is read in pieces (one per step),
