@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from memsvc.bench.serve import start_server
+from memsvc.bench.serve import run_context, start_server
 from memsvc.client.aio import AsyncMemoryClient
 from memsvc.engine import SamplingParams, StreamingEngine
-from memsvc.model.io import load_model, model_hash
+from memsvc.model.io import load_model
 from memsvc.runtime import tune_allocator
 
 BATCHING_GOAL = 4.0  # aggregate at 32 concurrent generations / at 1
@@ -138,13 +138,8 @@ def _report(args, engine_runs, grpc_runs, load_average) -> dict:
             "met": value >= BATCHING_GOAL,
         }
     return {
-        "model": str(args.model),
-        "model_hash": model_hash(args.model),
+        **run_context(args, load_average),
         "generate_tokens": args.generate_tokens,
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_average": load_average,
-        "torch": torch.__version__,
         "rows": rows,
         "goals": goals,
     }

@@ -204,19 +204,26 @@ def _report(
     for goal in goals.values():
         goal["met"] = goal["value"] >= goal["goal"]
     return {
-        "model": str(args.model),
-        "model_hash": model_hash(args.model),
+        **run_context(args, load_average),
         "tokens_per_session": args.tokens_per_session,
         "append_tokens": args.append_tokens,
         "window": args.window,
+        "rows": rows,
+        "goals": goals,
+    }
+
+
+def run_context(args: argparse.Namespace, load_average: tuple[float, float]) -> dict:
+    """What a serving benchmark ran on: model, threads, cores and how busy they were."""
+    return {
+        "model": str(args.model),
+        "model_hash": model_hash(args.model),
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         # Runnable processes (1-minute load average) before and after: well above cpu_count
         # means the run shared its cores and its numbers are pessimistic.
         "load_average": load_average,
         "torch": torch.__version__,
-        "rows": rows,
-        "goals": goals,
     }
 
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
+from memsvc.engine import StreamingEngine
 from memsvc.memory import MemoryConfig
 from memsvc.model import MAGModel, ModelConfig
 
@@ -35,3 +37,12 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> MAGModel:
 
 def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[StreamingEngine, StreamingEngine]:
+    """The tiny model on the decoder (fast) and on the chunk path one token at a time."""
+    model = tiny_model(0)
+    return StreamingEngine(model, max_segment=2 * CHUNK), StreamingEngine(
+        model, max_segment=2 * CHUNK, fast_decode=False
+    )

@@ -16,17 +16,9 @@ from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from tests.state_asserts import assert_states_equal
 
-from .conftest import CHUNK, random_tokens, tiny_model
+from .conftest import CHUNK, random_tokens
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
-
-
-@pytest.fixture(scope="module")
-def engines() -> tuple[StreamingEngine, StreamingEngine]:
-    model = tiny_model(0)
-    return StreamingEngine(model, max_segment=2 * CHUNK), StreamingEngine(
-        model, max_segment=2 * CHUNK, fast_decode=False
-    )
 
 
 def history(engine: StreamingEngine, n: int, seed: int) -> ModelState:
