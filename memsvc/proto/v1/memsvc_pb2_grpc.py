@@ -173,8 +173,8 @@ class MemoryServiceServicer:
         early (the client cancels, or the deadline passes), the session keeps the
         prompt and exactly the tokens whose messages the server finished writing;
         tokens sampled but not written are dropped. A client that
-        cancels mid-stream may not have read the last written token: GetSession's
-        position tells. Sampling stops within one step of the end of the call.
+        cancels mid-stream may not have read the last written tokens (the server
+        writes up to 16 before it waits for the writes): GetSession's position tells. Sampling stops within one step of the end of the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
