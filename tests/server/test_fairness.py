@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.server.fairness import SAMPLED_TOKEN_COST, FairShare
 from tests.server.harness import Service
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """These tests time the server: one intra-op thread, since a team of threads spinning
-    against other work on a shared machine makes a step take seconds instead of ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # they time the server
 
 
 def test_the_least_served_tenant_goes_next_and_equal_costs_alternate() -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from memsvc.engine import StreamingEngine
 from memsvc.proto.v1 import memsvc_pb2 as pb
@@ -29,15 +28,7 @@ from tests.server.harness import (
     stop_service,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """These tests time the server: one intra-op thread, since a team of threads spinning
-    against other work on a shared machine makes a step take seconds instead of ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # they time the server
 
 
 SCHEDULING = SchedulerConfig(
