@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -39,6 +40,7 @@ _RECIPE_OPTIONS = (
     "curriculum",
     "init_from",
     "init_backbone_from",
+    "memory_conv",
     "batch_size",
     "lr",
     "seed",
@@ -79,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from",
         help="start from this model directory's weights and config (fine-tuning); "
         "--config and --memory may not be given with it",
+    )
+    parser.add_argument(
+        "--memory-conv",
+        type=int,
+        help="with --init-from: widen the memory's causal convolution to this many taps "
+        "(new taps start at zero, so training starts from the same model) so its keys see "
+        "further back",
     )
     parser.add_argument(
         "--init-backbone-from",
@@ -178,8 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.init_from is not None and (args.config or args.memory):
                 parser.error("--init-from takes the model's own config: drop --config/--memory")
+            if args.memory_conv is not None and (args.init_from is None or args.memory_conv < 1):
+                parser.error("--memory-conv takes a positive width and --init-from")
             if args.init_from is not None:
                 config = load_config(args.init_from)
+                if args.memory_conv is not None and config.memory is not None:
+                    memory = replace(config.memory, conv_size=args.memory_conv)
+                    config = replace(config, memory=memory)
             else:
                 config = model_config(args.config or "reference", args.memory)
             trainer = Trainer.create(config, _new_recipe(args, config.window), args.out, dist=dist)

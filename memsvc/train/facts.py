@@ -65,18 +65,14 @@ def make_facts(
         kind = rng.choice(value_kinds)
         attr = rng.choice(phrasing.attributes[kind])
         value = phrasing.value(kind, rng)
-        statement = phrasing.render(rng.choice(phrasing.statements), key, attr, value) + " "
+        statement = phrasing.statement(rng, key, attr, value) + " "
         revision = None
         if len(facts) < revised:
             while (latest := phrasing.value(kind, rng)) == value:
                 pass
-            revision = phrasing.render(rng.choice(phrasing.revisions), key, attr, latest) + " "
+            revision = phrasing.revision(rng, key, attr, latest) + " "
             value = latest
-        question = (
-            phrasing.render(rng.choice(phrasing.questions), key, attr)
-            + " "
-            + phrasing.render(rng.choice(phrasing.leads), key, attr)
-        )
+        question = phrasing.question(rng, key, attr)
         facts.append(Fact(key, attr, kind, statement, revision, value, question))
     return facts
 

@@ -4,7 +4,11 @@ HELDOUT_PHRASING for evaluation (other names, other attributes, other templates)
 model is judged on phrasings it never saw.
 
 Templates use {key}, {Key} (sentence-initial), {keys} / {Keys} (possessive), {attr} and
-{value}.
+{value}. The training generator is the broader one: besides its word lists it makes up
+names and codenames from syllables, and wraps statements in openers and closers, so a
+model learns "the value stated for this key" rather than a few dozen keys and sentences.
+Everything it can make is disjoint from the held-out generator's words and templates
+(tests/train/test_facts.py enumerates it).
 """
 
 from __future__ import annotations
@@ -39,14 +43,41 @@ class Phrasing:
     questions: tuple[str, ...]
     leads: tuple[str, ...]  # what follows the question, right before the answer
     syllables: tuple[str, ...]  # word values are made of these
+    name_syllables: tuple[str, ...] = ()  # made-up names and codenames (half of them), if any
+    openers: tuple[str, ...] = ("",)  # put before a statement or revision
+    closers: tuple[str, ...] = ("",)  # put after one
 
     def key(self, rng: random.Random) -> str:
         pick = rng.random()
+        made_up = bool(self.name_syllables) and rng.random() < 0.5
         if pick < 0.5:
-            return rng.choice(self.names)
+            return self.made_up_name(rng) if made_up else rng.choice(self.names)
         if pick < 0.75:
-            return f"project {rng.choice(self.projects)}"
+            name = self.made_up_name(rng) if made_up else rng.choice(self.projects)
+            return f"project {name}"
         return f"the {rng.choice(self.places)}"
+
+    def made_up_name(self, rng: random.Random) -> str:
+        return "".join(rng.choices(self.name_syllables, k=rng.randint(2, 3))).capitalize()
+
+    def statement(self, rng: random.Random, key: str, attr: str, value: str) -> str:
+        return self._wrapped(rng, rng.choice(self.statements), key, attr, value)
+
+    def revision(self, rng: random.Random, key: str, attr: str, value: str) -> str:
+        return self._wrapped(rng, rng.choice(self.revisions), key, attr, value)
+
+    def question(self, rng: random.Random, key: str, attr: str) -> str:
+        asked = self.render(rng.choice(self.questions), key, attr)
+        return asked + " " + self.render(rng.choice(self.leads), key, attr)
+
+    def _wrapped(self, rng: random.Random, template: str, key: str, attr: str, value: str) -> str:
+        # A phrasing without openers or closers draws nothing for them, so its probes stay
+        # the ones measured before these existed.
+        opener = rng.choice(self.openers) if len(self.openers) > 1 else self.openers[0]
+        closer = rng.choice(self.closers) if len(self.closers) > 1 else self.closers[0]
+        if opener:  # the key is no longer sentence-initial
+            template = template.replace("{Key}", "{key}").replace("{Keys}", "{keys}")
+        return self.render(opener + template, key, attr, value) + closer
 
     def value(self, kind: ValueKind, rng: random.Random) -> str:
         if kind == "digits":
@@ -99,10 +130,19 @@ TRAIN_PHRASING = Phrasing(
         """
     ),
     attributes={
-        "digits": _phrases("PIN; phone extension; account number; badge number; locker number"),
-        "words": _phrases("password; code word; nickname; secret word; favourite word"),
-        "code": _phrases("access code; license key; serial; voucher code; ticket id"),
-        "uuid": _phrases("uuid; device id; session id"),
+        "digits": _phrases(
+            """PIN; phone extension; account number; badge number; locker number; order number;
+            door code; member number; flight number; invoice number; bank pin; seat number"""
+        ),
+        "words": _phrases(
+            """password; code word; nickname; secret word; favourite word; pet name; alias;
+            password hint; keyword; motto word"""
+        ),
+        "code": _phrases(
+            """access code; license key; serial; voucher code; ticket id; booking reference;
+            coupon; api token; part number; batch code; gift code"""
+        ),
+        "uuid": _phrases("uuid; device id; session id; user id; job id; request id; node id"),
     },
     statements=(
         "{keys} {attr} is {value}.",
@@ -115,12 +155,26 @@ TRAIN_PHRASING = Phrasing(
         "{Key} uses {value} as the {attr}.",
         "log entry: {attr} for {key} -> {value}.",
         "the new {attr} of {key} will be {value}.",
+        "{Key} told me the {attr} is {value}.",
+        "the {attr} on file for {key}: {value}.",
+        "I wrote down {value} as {keys} {attr}.",
+        "{Key} chose {value} for the {attr}.",
+        "the {attr} that {key} picked is {value}.",
+        "record: key={key}, {attr}={value}.",
+        "as agreed, {keys} {attr} stays {value}.",
+        "{keys} {attr}? that one is {value}.",
+        "{Key} | {attr} | {value}.",
+        "don't lose it: {key} has {attr} {value}.",
     ),
     revisions=(
         "update: {keys} {attr} is now {value}.",
         "correction - the {attr} for {key} changed to {value}.",
         "{Key} replaced the old {attr}; the new one is {value}.",
         "from now on the {attr} of {key} is {value}.",
+        "{Key} changed the {attr} to {value}.",
+        "never mind the old one, {keys} {attr} is {value} now.",
+        "the {attr} of {key} was reset to {value}.",
+        "new value for {keys} {attr}: {value}.",
     ),
     questions=(
         "What is {keys} {attr}?",
@@ -128,6 +182,12 @@ TRAIN_PHRASING = Phrasing(
         "Do you remember the {attr} of {key}?",
         "{Key} - what was the {attr}?",
         "Which {attr} belongs to {key}?",
+        "And {keys} {attr}?",
+        "Remind me of the {attr} for {key}.",
+        "What's the {attr} of {key} again?",
+        "Please give {keys} {attr}.",
+        "{attr} for {key}?",
+        "Can you recall the {attr} {key} has?",
     ),
     leads=(
         "{Keys} {attr} is ",
@@ -135,8 +195,19 @@ TRAIN_PHRASING = Phrasing(
         "Answer: ",
         "It is ",
         "{attr}: ",
+        "Here it is: ",
+        "That is ",
+        "{Key} has ",
+        "The {attr} is ",
+        "Of course. ",
+        "",
     ),
     syllables=_list("ka lo mi ne ru ta vo si pe da gu fi zo be ha ni xo la mu te"),
+    name_syllables=_list(
+        "al ben cor dri el fen gor hal im jor kas lin mar nor pav ril sen tor ul ves"
+    ),
+    openers=("", "", "", "note: ", "ok, ", "also, ", "btw, ", "important: ", "FYI ", "so, "),
+    closers=("", "", "", " thanks.", " keep it safe.", " (noted)", " ok?", " got it."),
 )
 
 HELDOUT_PHRASING = Phrasing(

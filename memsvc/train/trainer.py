@@ -142,6 +142,32 @@ def load_backbone(model: MAGModel, source: MAGModel, name: str) -> None:
         value.copy_(theirs[key])
 
 
+def load_widened(model: MAGModel, source: MAGModel, name: str) -> None:
+    """Copy `source` into `model`, whose config may differ only in a wider memory
+    convolution: the new, older taps start at zero, so `model` computes what `source`
+    did and fine-tuning starts from the same function with keys that can see further."""
+    theirs_cfg, ours_cfg = source.config.memory, model.config.memory
+    if (
+        theirs_cfg is None
+        or ours_cfg is None
+        or source.config
+        != replace(model.config, memory=replace(ours_cfg, conv_size=theirs_cfg.conv_size))
+    ):
+        raise ValueError(f"{name}: its config differs from the run's")
+    if ours_cfg.conv_size < theirs_cfg.conv_size:
+        raise ValueError(
+            f"{name}: memory conv_size {theirs_cfg.conv_size} cannot narrow to {ours_cfg.conv_size}"
+        )
+    theirs = source.state_dict()
+    for key, value in model.state_dict().items():
+        given = theirs[key]
+        if key.endswith("memory.conv_weight"):  # (channels, 1, taps), the current tap last
+            value.zero_()
+            value[..., value.shape[-1] - given.shape[-1] :] = given
+        else:
+            value.copy_(given)
+
+
 class Trainer:
     """Trains `model` by `recipe`, writing checkpoints under `out`.
 
@@ -200,7 +226,8 @@ class Trainer:
         loss_hook: LossHook | None = None,
     ) -> Trainer:
         """A new run: the model initialised from `recipe.seed`, or with the weights of the
-        model directory `recipe.init_from` (whose config must be `config`). `out` must
+        model directory `recipe.init_from` (whose config must be `config`, or it with a
+        wider memory convolution: `load_widened`). `out` must
         hold no run."""
         existing = RunCheckpoints(out).latest()
         if existing is not None:
@@ -212,9 +239,10 @@ class Trainer:
         model = MAGModel(config)
         if recipe.init_from is not None:
             start = load_model(recipe.init_from)
-            if start.config != config:
-                raise ValueError(f"{recipe.init_from}: its config differs from the run's")
-            model.load_state_dict(start.state_dict())
+            if start.config == config:
+                model.load_state_dict(start.state_dict())
+            else:
+                load_widened(model, start, recipe.init_from)
         if recipe.init_backbone_from is not None:
             load_backbone(model, load_model(recipe.init_backbone_from), recipe.init_backbone_from)
         return cls(model, recipe, out, dist=dist, loss_hook=loss_hook)

@@ -4,6 +4,7 @@ nothing with the training one."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -65,6 +66,39 @@ def test_heldout_phrasing_shares_no_template_key_or_attribute_with_training() ->
         assert not set(getattr(TRAIN_PHRASING, field)) & set(getattr(HELDOUT_PHRASING, field))
     for kind in VALUE_KINDS:
         assert not set(TRAIN_PHRASING.attributes[kind]) & set(HELDOUT_PHRASING.attributes[kind])
+
+
+def test_made_up_training_names_never_make_a_heldout_key() -> None:
+    syllables = TRAIN_PHRASING.name_syllables
+    made_up = {
+        "".join(parts).capitalize()
+        for k in (2, 3)
+        for parts in itertools.product(syllables, repeat=k)
+    }
+    assert len(made_up) > 5000  # the generator's breadth, not a handful of names
+    heldout = set(HELDOUT_PHRASING.names) | set(HELDOUT_PHRASING.projects)
+    assert not made_up & heldout
+    rng = random.Random(0)
+    keys = {TRAIN_PHRASING.key(rng) for _ in range(2000)}
+    assert {k.removeprefix("project ") for k in keys} & made_up  # they are drawn
+    assert not any(k.removeprefix("project ") in heldout for k in keys)
+
+
+def test_training_statements_wrap_openers_and_closers_without_breaking_the_value() -> None:
+    rng = random.Random(5)
+    openers = set()
+    for _ in range(300):
+        text = TRAIN_PHRASING.statement(rng, "project Quartz", "serial", "K7Q2X9")
+        assert "K7Q2X9" in text
+        opener = next((o for o in TRAIN_PHRASING.openers if o and text.startswith(_cap(o))), "")
+        # sentence-initial keys are capitalised; after an opener the key keeps its case
+        assert "project Quartz" in text if opener else "roject Quartz" in text
+        openers.add(opener)
+    assert len(openers) == len(set(TRAIN_PHRASING.openers))  # every opener, and none
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def test_probe_is_deterministic_with_every_statement_beyond_the_window() -> None:

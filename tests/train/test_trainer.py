@@ -133,6 +133,33 @@ def test_fine_tuning_starts_from_a_model_directory(tmp_path: Path) -> None:
     assert model_hash(run.model) == model_hash(tmp_path / "start")
 
 
+def test_a_widened_memory_convolution_starts_from_the_same_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = MAGModel(TINY)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_model(source, tmp_path / "start")
+    out = str(tmp_path / "wide")
+    base = ["--out", out, "--no-progress", "--init-from", str(tmp_path / "start")]
+    assert main([*base, "--memory-conv", "9", "--time-budget", "0"]) == 0
+    wide = Trainer.resume(out).model
+    assert wide.config.memory is not None and wide.config.memory.conv_size == 9
+    tokens = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        expected, _ = source(tokens, source.init_state(2))
+        got, _ = wide(tokens, wide.init_state(2))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    narrow = str(tmp_path / "narrow")
+    wide_dir = str(tmp_path / "wide-model")
+    save_model(wide, wide_dir)
+    assert main(["--out", narrow, "--init-from", wide_dir, "--memory-conv", "2"]) == 2
+    assert "conv_size 9 cannot narrow to 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", narrow, "--memory-conv", "9"])  # nothing to widen
+
+
 @pytest.mark.parametrize(("fault", "reason"), [(math.nan, "non_finite"), (1e4, "exploded")])
 def test_a_bad_step_is_skipped_without_touching_the_weights(
     tmp_path: Path, fault: float, reason: str
