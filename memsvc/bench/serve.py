@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,14 +149,21 @@ async def _grpc_run(
 
     async def stream(session: AsyncSession) -> None:
         sent: deque[float] = deque()
+        # The SDK reads pieces ahead of its window (a queue of one, and the piece waiting
+        # to enter it), so a piece is handed over only while fewer than `window` are
+        # unacknowledged: its clock starts when the stream has room for it, not up to two
+        # appends earlier (which tripled the latency reported at window 1).
+        room = asyncio.Semaphore(window)
 
-        def pieces() -> Iterator[list[int]]:
+        async def pieces() -> AsyncIterator[list[int]]:
             for _ in range(appends):
-                sent.append(time.perf_counter())  # pulled by the SDK when it sends
+                await room.acquire()
+                sent.append(time.perf_counter())
                 yield tokens
 
         async for _ in session.append_stream(pieces(), window=window):
             latencies.append(time.perf_counter() - sent.popleft())
+            room.release()
 
     started = time.perf_counter()
     await asyncio.gather(*(stream(session) for session in created))
