@@ -5,7 +5,11 @@ state; then every one of its facts is asked on a copy of that state (the
 session itself never sees a question), the answer generated greedily exactly
 as long as the expected one and compared byte for byte. Results are kept per
 question with everything a report slices by: haystack, length, number of
-facts, value kind, the fact's depth, and whether it was revised.
+facts, value kind, the fact's depth, and whether it was revised. A wrong answer
+that is another fact's value of the same stream (cut or run on to the expected
+answer's length) is marked `other_key`: the
+memory recalled a value but not the one for this key (the failure of a model
+that answers every question with the same salient value).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class FactResult:
     answer: str
     output: str
     correct: bool
+    other_key: bool = False  # wrong, and another fact's value of the same stream (module doc)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ def evaluate_cell(
         skipped += writes[1]
         for question in probe.questions:
             output = ask(engine, state, question)
+            others = {q.answer for q in probe.questions} - {question.answer}
             results.append(
                 FactResult(
                     haystack=cell.haystack,
@@ -109,6 +115,7 @@ def evaluate_cell(
                     answer=question.answer,
                     output=output,
                     correct=output == question.answer,
+                    other_key=output != question.answer and _some_value(output, others),
                 )
             )
     return results, StreamStats(tokens, seconds, applied, skipped)
@@ -129,6 +136,12 @@ def stream(
     return state, (stats.writes_applied, stats.writes_skipped)
 
 
+def _some_value(output: str, values: set[str]) -> bool:
+    """Whether `output` (as long as the expected answer) is one of `values`, cut or
+    run on to that length."""
+    return any(v.startswith(output) or output.startswith(v) for v in values)
+
+
 def ask(engine: StreamingEngine, state: ModelState, question: FactQuestion) -> str:
     """The greedy answer to `question` on a copy of `state` (the state is left as it was)."""
     answer = question.answer.encode()
@@ -142,6 +155,11 @@ def ask(engine: StreamingEngine, state: ModelState, question: FactQuestion) -> s
 
 def accuracy(results: Sequence[FactResult]) -> float:
     return sum(r.correct for r in results) / len(results) if results else float("nan")
+
+
+def other_key_share(results: Sequence[FactResult]) -> float:
+    """Share of questions answered with another key's value."""
+    return sum(r.other_key for r in results) / len(results) if results else float("nan")
 
 
 def depth_bucket(depth: float) -> int:
@@ -161,7 +179,11 @@ def summarize(results: Sequence[FactResult]) -> dict:
         ]
 
     return {
-        "overall": {"accuracy": accuracy(results), "n": len(results)},
+        "overall": {
+            "accuracy": accuracy(results),
+            "other_key": other_key_share(results),
+            "n": len(results),
+        },
         "by_haystack_length_facts": table(lambda r: (r.haystack, r.length, r.n_facts)),
         "by_kind": table(lambda r: r.kind),
         "by_length_depth": table(lambda r: (r.length, depth_bucket(r.depth))),

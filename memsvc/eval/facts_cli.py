@@ -181,6 +181,7 @@ def _cell_row(cell: FactCell, results: list, stats: StreamStats) -> dict:
         "questions": len(results),
         "accuracy": sum(r.correct for r in results) / len(results),
         "revised_accuracy": _share([r.correct for r in results if r.revised]),
+        "other_key": _share([r.other_key for r in results]),
         "updates_per_1k": round(stats.updates_per_1k, 2),
         "write_share": round(stats.write_share, 4),
         "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9)),
@@ -193,10 +194,13 @@ def _share(values: list[bool]) -> float | None:
 
 def _table(cells: list[dict]) -> Table:
     table = Table(title="keyed facts (exact match per fact)")
-    for name in ("haystack", "length", "facts", "values", "questions", "exact", "updates/1k"):
+    columns = ("haystack", "length", "facts", "values", "questions", "exact", "other key",
+               "updates/1k")  # fmt: skip
+    for name in columns:
         table.add_column(name, justify="right")
     for row in cells:
         table.add_row(row["haystack"], str(row["length"]), str(row["facts"]),
                       ",".join(row["values"]), str(row["questions"]),
-                      f"{row['accuracy']:.1%}", f"{row['updates_per_1k']:.1f}")  # fmt: skip
+                      f"{row['accuracy']:.1%}", f"{row['other_key']:.1%}",
+                      f"{row['updates_per_1k']:.1f}")  # fmt: skip
     return table

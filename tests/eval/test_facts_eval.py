@@ -34,7 +34,11 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
     assert sum(r.revised for r in results) == 2
     for r in results:
         assert r.correct == (r.output == r.answer)
+        others = {o.answer for o in results if o.seed == r.seed} - {r.answer}
+        cut = any(o.startswith(r.output) or r.output.startswith(o) for o in others)
+        assert r.other_key == (not r.correct and cut)
     summary = summarize(results)
+    assert 0 <= summary["overall"]["other_key"] <= 1 - summary["overall"]["accuracy"]
     assert summary["overall"]["n"] == 8
     assert sum(row["n"] for row in summary["by_length_depth"]) == 8
     assert sum(row["n"] for row in summary["by_kind"]) == 8
