@@ -7,9 +7,9 @@ as long as the expected one and compared byte for byte. Results are kept per
 question with everything a report slices by: haystack, length, number of
 facts, value kind, the fact's depth, and whether it was revised. A wrong answer
 that is another fact's value of the same stream (cut or run on to the expected
-answer's length) is marked `other_key`: the
-memory recalled a value but not the one for this key (the failure of a model
-that answers every question with the same salient value).
+answer's length) is marked `other_key`: the memory recalled a value but not the
+one for this key (the failure of a model that answers every question with the
+same salient value).
 """
 
 from __future__ import annotations
