@@ -102,7 +102,7 @@ def evaluate_cell(
         skipped += writes[1]
         for question in probe.questions:
             output = ask(engine, state, question)
-            others = {q.answer for q in probe.questions} - {question.answer}
+            answers = [q.answer for q in probe.questions]
             results.append(
                 FactResult(
                     haystack=cell.haystack,
@@ -115,7 +115,7 @@ def evaluate_cell(
                     answer=question.answer,
                     output=output,
                     correct=output == question.answer,
-                    other_key=output != question.answer and _some_value(output, others),
+                    other_key=answered_other_key(output, question.answer, answers),
                 )
             )
     return results, StreamStats(tokens, seconds, applied, skipped)
@@ -136,10 +136,13 @@ def stream(
     return state, (stats.writes_applied, stats.writes_skipped)
 
 
-def _some_value(output: str, values: set[str]) -> bool:
-    """Whether `output` (as long as the expected answer) is one of `values`, cut or
-    run on to that length."""
-    return any(v.startswith(output) or output.startswith(v) for v in values)
+def answered_other_key(output: str, answer: str, answers: Sequence[str]) -> bool:
+    """Whether `output` (as long as `answer`) is wrong and is another of the stream's
+    `answers`, cut or run on to that length."""
+    if output == answer:
+        return False
+    others = set(answers) - {answer}
+    return any(v.startswith(output) or output.startswith(v) for v in others)
 
 
 def ask(engine: StreamingEngine, state: ModelState, question: FactQuestion) -> str:

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from memsvc.engine import StreamingEngine
-from memsvc.eval.facts import FactCell, ask, evaluate_cell, stream, summarize
+from memsvc.eval.facts import (
+    FactCell,
+    answered_other_key,
+    ask,
+    evaluate_cell,
+    stream,
+    summarize,
+)
 from memsvc.eval.plot import plot_results
 from memsvc.train.facts import make_fact_probe
 from tests.engine.conftest import tiny_model
@@ -34,9 +41,8 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
     assert sum(r.revised for r in results) == 2
     for r in results:
         assert r.correct == (r.output == r.answer)
-        others = {o.answer for o in results if o.seed == r.seed} - {r.answer}
-        cut = any(o.startswith(r.output) or r.output.startswith(o) for o in others)
-        assert r.other_key == (not r.correct and cut)
+        asked = [o.answer for o in results if o.seed == r.seed]
+        assert r.other_key == answered_other_key(r.output, r.answer, asked)
     summary = summarize(results)
     assert 0 <= summary["overall"]["other_key"] <= 1 - summary["overall"]["accuracy"]
     assert summary["overall"]["n"] == 8
@@ -44,6 +50,16 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
     assert sum(row["n"] for row in summary["by_kind"]) == 8
     plot_results(results, tmp_path / "facts.png", "test")
     assert (tmp_path / "facts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_other_key_is_another_facts_value_cut_or_run_on_to_the_answers_length() -> None:
+    answers = ["48213", "7710", "K7Q2X9", "48213"]  # a value may repeat across keys
+    assert answered_other_key("77104", "48213", answers)  # 7710 run on to 5 bytes
+    assert answered_other_key("K7Q", "771", answers)  # K7Q2X9 cut to 3 bytes
+    assert answered_other_key("K7Q", "K7Q2X9"[:3], ["K7Q", "K7Q2X9"]) is False  # right
+    assert answered_other_key("48213", "48213", answers) is False  # right is never other
+    assert answered_other_key("99999", "48213", answers) is False
+    assert answered_other_key("", "", []) is False
 
 
 def test_cli_runs_a_cell_and_writes_json(tmp_path: Path) -> None:
