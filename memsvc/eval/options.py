@@ -14,7 +14,15 @@ if TYPE_CHECKING:
 # Inference-time knobs of the memory: they change no parameter, so a trained model can be
 # evaluated with the write gate or adaptive forgetting switched on (an ablation).
 # max_step raised far above what the model was trained with is an induced update explosion.
-OVERRIDABLE = ("tau", "surprise_beta", "adaptive_forgetting", "lambda_0", "lambda_max", "max_step")
+OVERRIDABLE = (
+    "tau",
+    "gate",
+    "surprise_beta",
+    "adaptive_forgetting",
+    "lambda_0",
+    "lambda_max",
+    "max_step",
+)
 
 
 def parse_length(text: str) -> int:
@@ -27,7 +35,7 @@ def parse_length(text: str) -> int:
     return int(digits) * scale
 
 
-def parse_override(text: str) -> tuple[str, float | bool]:
+def parse_override(text: str) -> tuple[str, float | bool | str]:
     name, sep, raw = text.partition("=")
     if not sep or name not in OVERRIDABLE:
         raise argparse.ArgumentTypeError(
@@ -40,6 +48,10 @@ def parse_override(text: str) -> tuple[str, float | bool]:
         if raw.lower() not in ("true", "false", "1", "0"):
             raise argparse.ArgumentTypeError(f"{name} takes true or false, not {raw!r}")
         return name, raw.lower() in ("true", "1")
+    if name == "gate":
+        if raw not in ("absolute", "relative"):
+            raise argparse.ArgumentTypeError(f"gate takes absolute or relative, not {raw!r}")
+        return name, raw
     try:
         return name, float(raw)
     except ValueError as error:

@@ -10,6 +10,7 @@ from memsvc.configs import require_known_fields
 
 Retention = Literal["l2", "none"]
 UpdateRule = Literal["chunk", "delta"]
+GateMode = Literal["absolute", "relative"]
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,12 @@ class MemoryConfig:
     normalize_step: bool = True
     max_update_norm: float | None = 10.0
     # The seed's write gate: surprise = ||chunk gradient||_2, EMA with surprise_beta,
-    # the chunk is written only when the EMA exceeds tau (tau = 0: always).
+    # the chunk is written only when the EMA exceeds tau (tau = 0: always). "relative":
+    # only when the chunk's own surprise exceeds tau x the EMA of the chunks before it, a
+    # threshold that follows each block's (and each stream's) own surprise level.
     tau: float = 0.0
     surprise_beta: float = 0.8
+    gate: GateMode = "absolute"
     # The seed's adaptive forgetting: lambda_t = lambda_0 / max(write_rate, min_write_rate),
     # at most lambda_max, applied to the weights on each written chunk.
     adaptive_forgetting: bool = False
@@ -74,6 +78,7 @@ class MemoryConfig:
         _require(self.huber_delta > 0, "huber_delta must be positive")
         _require(self.lp_p >= 1, "lp_p must be >= 1")
         _require(self.tau >= 0, "tau must be >= 0")
+        _require(self.gate in ("absolute", "relative"), "gate must be absolute or relative")
         _require(0 <= self.surprise_beta < 1, "surprise_beta must be in [0, 1)")
         _require(0 <= self.write_rate_beta < 1, "write_rate_beta must be in [0, 1)")
         _require(0 <= self.lambda_0 <= self.lambda_max < 1, "need 0 <= lambda_0 <= lambda_max < 1")

@@ -5,13 +5,18 @@ head, of the mean per-token gradient of the chunk's inner loss at the
 chunk-start weights):
 
     surprise_ema' = surprise_beta * surprise_ema + (1 - surprise_beta) * surprise
-    write         = (tau == 0) or (surprise_ema' > tau)
+    write         = (tau == 0) or (surprise_ema' > tau)              gate "absolute"
+    write         = (tau == 0) or (surprise > tau * surprise_ema)    gate "relative"
     write_rate'   = write_rate_beta * write_rate + (1 - write_rate_beta) * write
     lambda        = min(lambda_max, lambda_0 / max(write_rate', min_write_rate))
 
 A written chunk's new weights are scaled by (1 - lambda) when adaptive
 forgetting is on: frequent writes keep lambda near lambda_0 so new facts are not
 erased at once; sparse writes let it grow (up to lambda_max) to clear old ones.
+The relative gate compares a chunk with the recent surprise of its own stream and block
+(the EMA before the chunk; the first chunk, against an EMA of 0, is written), so one tau
+serves blocks whose surprise levels differ: on stationary filler it writes the chunks
+above the running mean, and a chunk that brings something new stands out of it.
 A skipped chunk leaves weights and momentum untouched (nothing decays while
 nothing is written) but still advances the counters. write_rate starts at 1.
 """
@@ -38,6 +43,7 @@ class GateDecision:
 class WriteGate:
     tau: float
     surprise_beta: float
+    relative: bool
     adaptive_forgetting: bool
     lambda_0: float
     lambda_max: float
@@ -49,6 +55,7 @@ class WriteGate:
         return cls(
             tau=config.tau,
             surprise_beta=config.surprise_beta,
+            relative=config.gate == "relative",
             adaptive_forgetting=config.adaptive_forgetting,
             lambda_0=config.lambda_0,
             lambda_max=config.lambda_max,
@@ -75,7 +82,12 @@ class WriteGate:
     def decide(self, surprise: Tensor, surprise_ema: Tensor, write_rate: Tensor) -> GateDecision:
         b = self.surprise_beta
         ema = b * surprise_ema + (1.0 - b) * surprise
-        write = torch.ones_like(ema, dtype=torch.bool) if self.tau == 0 else ema > self.tau
+        if self.tau == 0:
+            write = torch.ones_like(ema, dtype=torch.bool)
+        elif self.relative:
+            write = surprise > self.tau * surprise_ema
+        else:
+            write = ema > self.tau
         r = self.write_rate_beta
         rate = r * write_rate + (1.0 - r) * write.to(write_rate.dtype)
         if self.adaptive_forgetting:

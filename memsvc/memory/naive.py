@@ -42,10 +42,14 @@ class _Gate:
     def decide(self, bb: int, surprise_sq: Tensor) -> float | None:
         """The forget factor lambda for a written chunk of stream bb; None when skipped."""
         cfg = self.cfg
-        self.ema[bb] = (
-            cfg.surprise_beta * self.ema[bb] + (1 - cfg.surprise_beta) * surprise_sq.sqrt()
-        )
-        write = cfg.tau == 0 or bool(self.ema[bb] > cfg.tau)
+        surprise, before = surprise_sq.sqrt(), self.ema[bb].clone()
+        self.ema[bb] = cfg.surprise_beta * before + (1 - cfg.surprise_beta) * surprise
+        if cfg.tau == 0:
+            write = True
+        elif cfg.gate == "relative":
+            write = bool(surprise > cfg.tau * before)
+        else:
+            write = bool(self.ema[bb] > cfg.tau)
         self.rate[bb] = cfg.write_rate_beta * self.rate[bb] + (1 - cfg.write_rate_beta) * float(
             write
         )

@@ -65,6 +65,24 @@ def test_gate_formula_as_documented() -> None:
     torch.testing.assert_close(d.forget, torch.tensor(want))
 
 
+def test_relative_gate_compares_the_chunk_with_the_ema_before_it() -> None:
+    g = gate(tau=1.5, gate="relative", surprise_beta=0.5)
+    surprise, ema = torch.tensor([1.0, 2.0, 3.1, 0.1]), torch.tensor([1.0, 1.0, 2.0, 0.0])
+    d = g.decide(surprise, ema, torch.ones(4))
+    assert d.write.tolist() == [False, True, True, True]  # 1 < 1.5, 2 > 1.5, 3.1 > 3, vs 0
+    torch.testing.assert_close(d.surprise_ema, torch.tensor([1.0, 1.5, 2.55, 0.05]))
+
+
+def test_relative_gate_writes_a_spike_and_skips_steady_filler() -> None:
+    g, ema, writes = gate(tau=1.2, gate="relative"), torch.zeros(1), []
+    for s in [1.0] * 20 + [5.0] + [1.0] * 5:
+        d = g.decide(torch.tensor([s]), ema, torch.ones(1))
+        ema = d.surprise_ema
+        writes.append(bool(d.write))
+    assert writes[0] and writes[20]  # the first chunk (against 0) and the spike
+    assert not any(writes[10:20]) and not any(writes[21:])  # the EMA is near 1 by then
+
+
 def test_lambda_grows_as_writes_get_sparse_and_is_capped() -> None:
     g = gate(tau=0.5, adaptive_forgetting=True, lambda_0=1e-4, lambda_max=1e-3)
     rate = torch.ones(1)

@@ -42,6 +42,7 @@ CHUNKED = [
     {"max_update_norm": 0.05},  # the cap binds
     {"heads": 1, "conv_size": 1},
     {"tau": 1.5, "adaptive_forgetting": True},
+    {"tau": 1.0, "gate": "relative", "adaptive_forgetting": True},
     {"adaptive_forgetting": True, "lambda_0": 1e-2, "lambda_max": 0.2},
 ]
 
@@ -68,6 +69,7 @@ def test_chunked_update_equals_reference(overrides: dict) -> None:
         {},
         {"lookahead": True},
         {"tau": 0.3},
+        {"tau": 1.0, "gate": "relative"},
         {"adaptive_forgetting": True, "lambda_0": 1e-2},
         {"heads": 1},
     ],
@@ -78,9 +80,12 @@ def test_delta_rule_equals_token_by_token(overrides: dict) -> None:
     assert_matches(mem, x, reference_delta(mem, x))
 
 
-def test_the_gate_really_skips_in_these_tests() -> None:
-    """Guard for the table above: tau=1.5 must skip some chunks and write others."""
-    mem = make_memory(tau=1.5, adaptive_forgetting=True)
+@pytest.mark.parametrize(
+    "overrides", [{"tau": 1.5}, {"tau": 1.0, "gate": "relative"}], ids=["absolute", "relative"]
+)
+def test_the_gate_really_skips_in_these_tests(overrides: dict) -> None:
+    """Guard for the tables above: these gates must skip some chunks and write others."""
+    mem = make_memory(adaptive_forgetting=True, **overrides)
     _, state = mem(2.0 * torch.randn(2, 23, 16, dtype=torch.float64))
     assert int(state.writes_skipped.sum()) > 0
     assert int(state.writes_applied.sum()) > 0

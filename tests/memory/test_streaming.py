@@ -15,6 +15,7 @@ CONFIGS = [
     {"lookahead": True, "depth": 3},
     {"depth": 1, "update_rule": "delta", "optimizer": "sgd", "lookahead": True},
     {"tau": 1.0, "adaptive_forgetting": True, "objective": "huber"},
+    {"tau": 1.0, "gate": "relative", "depth": 1, "update_rule": "delta", "optimizer": "sgd"},
 ]
 
 

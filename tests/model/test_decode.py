@@ -30,10 +30,16 @@ def gated_model() -> MAGModel:
     return small_model(2, memory=memory)
 
 
+def relative_gated_model() -> MAGModel:
+    memory = replace(small_config().memory, tau=1.0, gate="relative")
+    return small_model(4, memory=memory)
+
+
 MODELS = {
     "delta": lambda: small_model(0),
     "deep2": deep_model,
     "gated": gated_model,
+    "relative-gate": relative_gated_model,
     "no-attn-conv": lambda: small_model(3, attn_conv_size=0),
 }
 
