@@ -56,6 +56,11 @@ class MemoryConfig:
     tau: float = 0.0
     surprise_beta: float = 0.8
     gate: GateMode = "absolute"
+    # Training only (grad enabled, module in training mode), relative gate: the forward
+    # stays the hard gate, the backward sees sigmoid((surprise / EMA - tau) / gate_softness)
+    # as the share of the update written (straight through), so a skipped chunk that
+    # would have helped teaches the memory to make such chunks stand out.
+    gate_softness: float = 0.1
     # The seed's adaptive forgetting: lambda_t = lambda_0 / max(write_rate, min_write_rate),
     # at most lambda_max, applied to the weights on each written chunk.
     adaptive_forgetting: bool = False
@@ -79,6 +84,7 @@ class MemoryConfig:
         _require(self.lp_p >= 1, "lp_p must be >= 1")
         _require(self.tau >= 0, "tau must be >= 0")
         _require(self.gate in ("absolute", "relative"), "gate must be absolute or relative")
+        _require(self.gate_softness > 0, "gate_softness must be positive")
         _require(0 <= self.surprise_beta < 1, "surprise_beta must be in [0, 1)")
         _require(0 <= self.write_rate_beta < 1, "write_rate_beta must be in [0, 1)")
         _require(0 <= self.lambda_0 <= self.lambda_max < 1, "need 0 <= lambda_0 <= lambda_max < 1")

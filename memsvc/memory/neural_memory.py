@@ -331,7 +331,8 @@ class NeuralMemory(nn.Module):
         """Pass one complete chunk through the write gate (per stream) and count it."""
         h = self.config.heads
         surprise = surprise_sq.view(-1, h).sum(-1).sqrt()  # (B,)
-        decision = self.gate.decide(surprise, counters["surprise_ema"], counters["write_rate"])
+        before = counters["surprise_ema"]
+        decision = self.gate.decide(surprise, before, counters["write_rate"])
         write = decision.write
         counters["chunks"] = counters["chunks"] + 1
         counters["writes_applied"] = counters["writes_applied"] + write.long()
@@ -342,8 +343,17 @@ class NeuralMemory(nn.Module):
             return new_weights, new_momentum  # every chunk is written as is
         keep = (1.0 - decision.forget).repeat_interleave(h).view(-1, 1, 1)
         mask = write.repeat_interleave(h).view(-1, 1, 1)
-        weights = [
-            torch.where(mask, keep * nw, w) for w, nw in zip(weights, new_weights, strict=True)
-        ]
+        written = [keep * nw for nw in new_weights]
+        chosen = [torch.where(mask, nw, w) for w, nw in zip(weights, written, strict=True)]
+        if self.gate.relative and self.training and torch.is_grad_enabled():
+            # Straight through (config.gate_softness): forward unchanged, backward as if
+            # the soft share of the update were written.
+            ratio = surprise / before.detach().clamp_min(1e-12)
+            soft = torch.sigmoid((ratio - self.gate.tau) / self.config.gate_softness)
+            ghost = (soft - soft.detach()).repeat_interleave(h).view(-1, 1, 1)
+            chosen = [
+                c + ghost * (nw - w) for c, w, nw in zip(chosen, weights, written, strict=True)
+            ]
+        weights = chosen
         momentum = [torch.where(mask, ns, s) for s, ns in zip(momentum, new_momentum, strict=True)]
         return weights, momentum

@@ -152,3 +152,26 @@ def test_config_rejects_impossible_combinations() -> None:
     assert MemoryConfig.from_dict(MemoryConfig(dim=8, heads=2).to_dict()) == MemoryConfig(
         dim=8, heads=2
     )
+
+
+def test_relative_gate_trains_straight_through_and_forwards_unchanged() -> None:
+    """In training the relative gate's forward is the hard gate, and a skipped chunk's
+    inputs still get a gradient (the soft share of its update, straight through)."""
+    mem = make_memory(
+        depth=1, update_rule="delta", optimizer="sgd", tau=50.0, gate="relative", seed=4
+    )
+    x = torch.randn(1, 4 * 4, 16, dtype=torch.float64, requires_grad=True)  # 4 chunks of 4
+    grads = {}
+    for training in (False, True):
+        mem.train(training)
+        _, state = mem(x)
+        assert state.writes_skipped.tolist() == [3]  # the first chunk (vs an EMA of 0) only
+        (grad,) = torch.autograd.grad(state.weights[0].sum(), x)
+        grads[training] = grad
+        if not training:
+            hard = state.weights[0].detach()
+        else:
+            torch.testing.assert_close(state.weights[0].detach(), hard, rtol=0, atol=0)
+    skipped = slice(5, 16)  # tokens that only the skipped chunks write (lookahead aside)
+    assert not grads[False][:, skipped].any()
+    assert grads[True][:, skipped].abs().sum() > 0
