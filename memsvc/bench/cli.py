@@ -126,11 +126,26 @@ def _add_decode(benches: argparse._SubParsersAction) -> None:
     decode.set_defaults(func=deferred("memsvc.bench.decode:run_decode_command"))
 
 
+def _add_dispatch(benches: argparse._SubParsersAction) -> None:
+    dispatch = benches.add_parser(
+        "dispatch",
+        help="microseconds per small op: eager PyTorch vs TorchScript vs ATen from C++ (same run)",
+        description=module_description("memsvc.bench.dispatch"),
+    )
+    dispatch.add_argument("--dim", type=int, default=128, help="row width (the model's d_model)")
+    dispatch.add_argument("--calls", type=int, default=200, help="chains per timed repeat")
+    dispatch.add_argument("--repeats", type=int, default=7)
+    dispatch.add_argument("--no-cpp", action="store_true", help="skip the C++ extension build")
+    dispatch.add_argument("--json", action="store_true", help="print one JSON object")
+    dispatch.set_defaults(func=deferred("memsvc.bench.dispatch:run_dispatch_command"))
+
+
 BENCHES: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_lmm,
     _add_serve,
     _add_swap,
     _add_decode,
+    _add_dispatch,
     add_reliability_parser,
 )
 
