@@ -96,6 +96,9 @@ class NeuralMemory(nn.Module):
         self.retention = make_retention(cfg)
         self.gate = WriteGate.from_config(cfg)
         self.check_finite = True
+        # Training only: keep the last call's per-token queries (B*H, T, d), with grad.
+        self.keep_queries = False
+        self.last_queries: Tensor | None = None
 
     # ---- state -------------------------------------------------------------------------
 
@@ -164,6 +167,8 @@ class NeuralMemory(nn.Module):
 
         parts = p.split(cfg.dim, dim=-1)
         q = F.normalize(heads(parts[0]), dim=-1)
+        if self.keep_queries:  # training's key-alignment loss (memsvc/train/key_loss.py)
+            self.last_queries = q
         v = heads(parts[-1])
         last_query = state.last_query
         if cfg.lookahead:

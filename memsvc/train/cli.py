@@ -45,6 +45,7 @@ _RECIPE_OPTIONS = (
     "lr",
     "seed",
     "next_byte_weight",
+    "key_loss_weight",
     "advance_at",
     "checkpoint_every",
     "log_every",
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--next-byte-weight", type=float, help="loss = answer loss + w * next-byte loss (0.3)"
     )
     parser.add_argument(
+        "--key-loss-weight",
+        type=float,
+        help="+ w * the key-alignment loss of keyed facts: the memory query reading an answer "
+        "drawn to its fact's write key (memsvc/train/key_loss.py; default 0: off)",
+    )
+    parser.add_argument(
         "--advance-at",
         type=float,
         help="leave a stage early at this exact-match on its last batches (0.95; 0: never)",
@@ -146,6 +153,7 @@ def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
         "lr": args.lr,
         "max_steps": args.max_steps,
         "next_byte_weight": args.next_byte_weight,
+        "key_loss_weight": args.key_loss_weight,
         "checkpoint_every": args.checkpoint_every,
         "log_every": args.log_every,
     }

@@ -184,7 +184,19 @@ def fact_sample(
         questions=tuple(questions),
         answer_texts=tuple(texts),
         needle=None,
+        fact_writes=tuple(_value_start(f, at) - 1 for f, at in zip(facts, layout.at, strict=True)),
+        fact_reads=tuple(
+            (a_start - 1, i) for (_, a_start), i in zip(questions, asked, strict=True)
+        ),
     )
+
+
+def _value_start(fact: Fact, at: int) -> int:
+    """The token index (BOS first) of the first byte of `fact`'s latest value, whose latest
+    statement starts at byte `at` of the context (its first occurrence there: a made-up word
+    value that is also part of the key would point a little early, a rare noisy link)."""
+    text = fact.inserts[-1].encode()
+    return 1 + at + text.index(fact.answer.encode())
 
 
 # ---- evaluation probes -----------------------------------------------------------------------

@@ -76,6 +76,11 @@ class Sample:
     questions: tuple[tuple[int, int], ...]  # QUERY + the question prompt, before each answer
     answer_texts: tuple[str, ...]
     needle: tuple[int, int] | None  # the needle sentence (needle tasks)
+    # Keyed facts: where each fact's latest value is written (the position before its
+    # first byte, whose memory query is the key the value is stored under) and, per
+    # question, the position that reads it (before the answer) with the fact's index.
+    fact_writes: tuple[int, ...] = ()
+    fact_reads: tuple[tuple[int, int], ...] = ()
 
     def mask(self, spans: Sequence[tuple[int, int]]) -> Tensor:
         out = torch.zeros(len(self.tokens), dtype=torch.bool)
@@ -92,6 +97,10 @@ class Batch:
     targets: Tensor  # (B, L-1) int64 tokens[:, 1:], PAD after a sample's end
     answer_mask: Tensor  # (B, L-1) bool: the target is an answer byte
     text_mask: Tensor  # (B, L-1) bool: the target is a real token (next-byte loss)
+    # Keyed facts (Sample.fact_writes / fact_reads), as input positions: rows (sample,
+    # position) of every fact's write, and rows (sample, position, write row) per question.
+    fact_writes: Tensor  # (n_w, 2) int64
+    fact_reads: Tensor  # (n_r, 3) int64
 
 
 def generate(spec: TaskSpec, rng: random.Random) -> Sample:
@@ -128,14 +137,21 @@ def collate(samples: Sequence[Sample]) -> Batch:
     length = max(len(s.tokens) for s in samples)
     tokens = torch.full((len(samples), length), PAD_ID, dtype=torch.int64)
     answer = torch.zeros(len(samples), length, dtype=torch.bool)
+    writes: list[tuple[int, int]] = []
+    reads: list[tuple[int, int, int]] = []
     for i, s in enumerate(samples):
         tokens[i, : len(s.tokens)] = s.tokens
         answer[i, : len(s.tokens)] = s.mask(s.answers)
+        first = len(writes)
+        writes += [(i, position) for position in s.fact_writes]
+        reads += [(i, position, first + fact) for position, fact in s.fact_reads]
     return Batch(
         inputs=tokens[:, :-1],
         targets=tokens[:, 1:],
         answer_mask=answer[:, 1:],
         text_mask=tokens[:, 1:] != PAD_ID,
+        fact_writes=torch.tensor(writes, dtype=torch.int64).view(-1, 2),
+        fact_reads=torch.tensor(reads, dtype=torch.int64).view(-1, 3),
     )
 
 

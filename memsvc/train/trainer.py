@@ -44,6 +44,7 @@ from memsvc.train.checkpoints import (
     read_checkpoint,
 )
 from memsvc.train.distributed import Distributed
+from memsvc.train.key_loss import keep_queries, with_key_loss
 from memsvc.train.progress import ProgressBar
 from memsvc.train.recipe import TrainRecipe, learning_rate_multiplier, parameter_groups
 from memsvc.train.tasks import Batch
@@ -212,6 +213,7 @@ class Trainer:
         )
         self.state = TrainState()
         self._stop_requested = False
+        self.memories = keep_queries(self.model) if recipe.key_loss_weight > 0 else []
 
     # ---- building ----------------------------------------------------------------------
 
@@ -291,6 +293,8 @@ class Trainer:
         logits, _ = self.net(batch.inputs)
         losses = batch_losses(logits, batch)
         loss = losses.answer + recipe.next_byte_weight * losses.next_byte
+        if self.memories:
+            loss = with_key_loss(loss, self.memories, batch, recipe)
         if self.loss_hook is not None:
             loss = self.loss_hook(st.step, loss)
         self.optimizer.zero_grad(set_to_none=True)

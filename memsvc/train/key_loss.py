@@ -1,0 +1,71 @@
+"""The key-alignment loss: teach the memory to file a fact under its key.
+
+Measured (docs/TRAINING.md): after keyed-fact training the memory query that reads an
+answer is about as close to every fact's write key as to its own (the nearest key is the
+right one at chance, 6-8 of 24 questions with 4 facts), so the memory returns one value
+for every key. The answer loss reaches those keys only through the delta rule's whole
+recurrence; this loss shapes them directly. With lookahead keys the value's first byte
+at t is stored under the query of t - 1, and the read before the answer's first byte
+uses the query there; so, per block and question, a softmax over every fact of the batch
+(the other samples' facts are negatives too: another key in the same phrasing) of the
+mean cosine (over heads) between the read query and each fact's write query, divided by
+`temperature`, with the question's own fact as the target.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memsvc.memory.neural_memory import NeuralMemory
+
+if TYPE_CHECKING:
+    from memsvc.train.recipe import TrainRecipe
+    from memsvc.train.tasks import Batch
+
+
+def keep_queries(model: nn.Module) -> list[NeuralMemory]:
+    """Every memory of `model`, each told to keep its last forward's queries."""
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    for memory in memories:
+        memory.keep_queries = True
+    return memories
+
+
+def key_alignment_loss(
+    queries: list[Tensor], heads: int, writes: Tensor, reads: Tensor, temperature: float
+) -> Tensor | None:
+    """queries: per block (B*H, T, d) unit vectors; writes (n_w, 2) rows (sample, position);
+    reads (n_r, 3) rows (sample, position, write row). Mean cross-entropy over blocks and
+    reads; None when the batch has no reads."""
+    if reads.shape[0] == 0:
+        return None
+    losses = []
+    for q in queries:
+        n, t, d = q.shape
+        q = q.view(n // heads, heads, t, d)
+        k = q[writes[:, 0], :, writes[:, 1]]  # (n_w, H, d)
+        r = q[reads[:, 0], :, reads[:, 1]]  # (n_r, H, d)
+        sims = torch.einsum("rhd,whd->rw", r, k) / (heads * temperature)
+        losses.append(F.cross_entropy(sims, reads[:, 2]))
+    return torch.stack(losses).mean()
+
+
+def with_key_loss(
+    loss: Tensor, memories: list[NeuralMemory], batch: Batch, recipe: TrainRecipe
+) -> Tensor:
+    """`loss` + recipe.key_loss_weight x the key-alignment loss of the forward just run."""
+    queries = [m.last_queries for m in memories]
+    if any(q is None for q in queries):
+        raise RuntimeError("the memories kept no queries: run the forward first")
+    align = key_alignment_loss(
+        queries,  # type: ignore[arg-type]
+        memories[0].config.heads,
+        batch.fact_writes,
+        batch.fact_reads,
+        recipe.key_loss_temperature,
+    )
+    return loss if align is None else loss + recipe.key_loss_weight * align

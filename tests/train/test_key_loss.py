@@ -1,0 +1,79 @@
+"""The key-alignment loss: its links point at the facts' values, it is the documented
+softmax, and a trainer with it on steps and changes what it should."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memsvc.model.tokenizer import decode
+from memsvc.train.key_loss import key_alignment_loss
+from memsvc.train.recipe import TrainRecipe, model_config
+from memsvc.train.tasks import Stage, TaskSpec, collate, sample
+from memsvc.train.trainer import Trainer
+
+
+@pytest.mark.parametrize("haystack", ["sentences", "real:code"])
+def test_links_point_at_each_facts_latest_value_and_its_answer(haystack: str) -> None:
+    for seed in range(8):
+        spec = TaskSpec("facts", 2048, haystack=haystack, needle="out_of_window", max_facts=6)
+        s = sample(spec, seed)
+        tokens = s.tokens.tolist()
+        assert s.fact_reads and len(s.fact_reads) == len(s.answers)
+        for (read, fact), (a0, _), text in zip(
+            s.fact_reads, s.answers, s.answer_texts, strict=True
+        ):
+            assert read == a0 - 1  # the position whose output predicts the answer's 1st byte
+            write = s.fact_writes[fact]
+            assert decode(tokens[write + 1 : write + 1 + len(text.encode())]) == text
+            assert write < s.questions[0][0]  # written in the context, before any question
+
+
+def test_collate_numbers_write_rows_across_samples() -> None:
+    spec = TaskSpec("facts", 1024, needle="out_of_window", max_facts=4)
+    samples = [sample(spec, seed) for seed in range(3)]
+    batch = collate(samples)
+    assert batch.fact_writes.shape == (sum(len(s.fact_writes) for s in samples), 2)
+    for b, position, row in batch.fact_reads.tolist():
+        assert batch.fact_writes[row, 0] == b  # a read's target is its own sample's fact
+        assert position < batch.inputs.shape[1] and batch.fact_writes[row, 1] < position
+    # No facts, no links: the needle tasks add none.
+    empty = collate([sample(TaskSpec("passkey", 512), 0)])
+    assert empty.fact_writes.shape == (0, 2) and empty.fact_reads.shape == (0, 3)
+
+
+def test_the_loss_is_the_documented_softmax_over_the_batchs_facts() -> None:
+    torch.manual_seed(0)
+    heads, d, t = 2, 4, 10
+    q = F.normalize(torch.randn(2 * heads, t, d), dim=-1)  # 2 samples
+    writes = torch.tensor([[0, 1], [0, 3], [1, 2], [1, 5]])
+    reads = torch.tensor([[0, 8, 1], [1, 9, 2]])
+    got = key_alignment_loss([q], heads, writes, reads, temperature=0.5)
+    qq = q.view(2, heads, t, d)
+    want = 0.0
+    for b, pos, target in reads.tolist():
+        logits = [(qq[b, :, pos] * qq[wb, :, wp]).sum(-1).mean() / 0.5 for wb, wp in writes]
+        want += -torch.log_softmax(torch.stack(logits), 0)[target]
+    torch.testing.assert_close(got, want / 2)
+    assert key_alignment_loss([q], heads, writes, reads[:0], 0.5) is None
+
+
+def test_a_trainer_with_the_key_loss_steps_and_keeps_it_off_by_default(tmp_path: Path) -> None:
+    stage = Stage("facts", 320, "out_of_window", 100, 2, kinds=("facts",), max_facts=3,
+                  value_kinds=("digits",))  # fmt: skip
+    config = model_config("tiny")
+    base = {"stages": (stage,), "max_steps": 2, "warmup_steps": 1, "log_every": 1000,
+            "checkpoint_every": 1000}  # fmt: skip
+    off = Trainer.create(config, TrainRecipe(**base), tmp_path / "off")
+    assert off.memories == [] and not any(
+        getattr(m, "keep_queries", False) for m in off.model.modules()
+    )
+    on = Trainer.create(config, TrainRecipe(**base, key_loss_weight=1.0), tmp_path / "on")
+    assert len(on.memories) == config.n_layers
+    a, b = off.step(), on.step()  # same weights, same batch: the loss differs by the term
+    assert a.answer_loss == pytest.approx(b.answer_loss, rel=1e-5)
+    assert b.loss > a.loss and math.isfinite(b.loss)
