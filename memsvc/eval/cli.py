@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from memsvc.eval.facts_cli import add_facts_parser
+from memsvc.eval.keys import add_keys_parser
 from memsvc.eval.options import add_model_options, parse_length
 from memsvc.eval.suite import add_suite_parser
 from memsvc.eval.traffic_cli import add_traffic_parser
@@ -175,5 +176,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     """`memsvc eval ...`: every evaluation's parser (none imports the model until it runs)."""
     evaluate = commands.add_parser("eval", help="evaluations of a trained model")
     evals = evaluate.add_subparsers(dest="eval", required=True)
-    for add in (add_niah_parser, add_facts_parser, add_traffic_parser, add_suite_parser):
+    for add in (
+        add_niah_parser,
+        add_facts_parser,
+        add_keys_parser,
+        add_traffic_parser,
+        add_suite_parser,
+    ):
         add(evals)
