@@ -184,11 +184,28 @@ def fact_sample(
         questions=tuple(questions),
         answer_texts=tuple(texts),
         needle=None,
-        fact_writes=tuple(_value_start(f, at) - 1 for f, at in zip(facts, layout.at, strict=True)),
-        fact_reads=tuple(
-            (a_start - 1, i) for (_, a_start), i in zip(questions, asked, strict=True)
-        ),
+        **_links(facts, layout.at, questions, asked),
     )
+
+
+def _links(
+    facts: list[Fact], at: tuple[int, ...], questions: list[tuple[int, int]], asked: list[int]
+) -> dict[str, tuple]:
+    """Sample.fact_writes / fact_reads: every byte of every fact's latest value is written
+    under the query of the position before it, and read before the same byte of its answer
+    (byte j of fact i: write row first[i] + j)."""
+    writes: list[int] = []
+    first = []
+    for fact, start in zip(facts, at, strict=True):
+        first.append(len(writes))
+        value = _value_start(fact, start)
+        writes += [value - 1 + j for j in range(len(fact.answer.encode()))]
+    reads = [
+        (a_start - 1 + j, first[i] + j)
+        for (_, a_start), i in zip(questions, asked, strict=True)
+        for j in range(len(facts[i].answer.encode()))
+    ]
+    return {"fact_writes": tuple(writes), "fact_reads": tuple(reads)}
 
 
 def _value_start(fact: Fact, at: int) -> int:

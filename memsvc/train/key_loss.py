@@ -4,12 +4,13 @@ Measured (docs/TRAINING.md): after keyed-fact training the memory query that rea
 answer is about as close to every fact's write key as to its own (the nearest key is the
 right one at chance, 6-8 of 24 questions with 4 facts), so the memory returns one value
 for every key. The answer loss reaches those keys only through the delta rule's whole
-recurrence; this loss shapes them directly. With lookahead keys the value's first byte
-at t is stored under the query of t - 1, and the read before the answer's first byte
-uses the query there; so, per block and question, a softmax over every fact of the batch
-(the other samples' facts are negatives too: another key in the same phrasing) of the
-mean cosine (over heads) between the read query and each fact's write query, divided by
-`temperature`, with the question's own fact as the target.
+recurrence; this loss shapes them directly. With lookahead keys a value's byte at t is
+stored under the query of t - 1, and the read before the same byte of the answer uses
+the query there; so, per block and answer byte, a softmax over every value byte of every
+fact of the batch (the other samples' facts are negatives too: another key in the same
+phrasing) of the mean cosine (over heads) between the read query and each write query,
+divided by `temperature`, with the same byte of the question's own fact as the target:
+the key must carry the fact's key and the place in its value.
 """
 
 from __future__ import annotations

@@ -76,9 +76,9 @@ class Sample:
     questions: tuple[tuple[int, int], ...]  # QUERY + the question prompt, before each answer
     answer_texts: tuple[str, ...]
     needle: tuple[int, int] | None  # the needle sentence (needle tasks)
-    # Keyed facts: where each fact's latest value is written (the position before its
-    # first byte, whose memory query is the key the value is stored under) and, per
-    # question, the position that reads it (before the answer) with the fact's index.
+    # Keyed facts: where each byte of each fact's latest value is written (the position
+    # before it, whose memory query is the key the byte is stored under) and, per answer
+    # byte, the position that reads it (before the byte) with its write's index.
     fact_writes: tuple[int, ...] = ()
     fact_reads: tuple[tuple[int, int], ...] = ()
 

@@ -18,19 +18,21 @@ from memsvc.train.trainer import Trainer
 
 
 @pytest.mark.parametrize("haystack", ["sentences", "real:code"])
-def test_links_point_at_each_facts_latest_value_and_its_answer(haystack: str) -> None:
+def test_links_pair_each_answer_byte_with_the_same_byte_of_its_stated_value(haystack: str) -> None:
     for seed in range(8):
         spec = TaskSpec("facts", 2048, haystack=haystack, needle="out_of_window", max_facts=6)
         s = sample(spec, seed)
         tokens = s.tokens.tolist()
-        assert s.fact_reads and len(s.fact_reads) == len(s.answers)
-        for (read, fact), (a0, _), text in zip(
-            s.fact_reads, s.answers, s.answer_texts, strict=True
-        ):
-            assert read == a0 - 1  # the position whose output predicts the answer's 1st byte
-            write = s.fact_writes[fact]
-            assert decode(tokens[write + 1 : write + 1 + len(text.encode())]) == text
-            assert write < s.questions[0][0]  # written in the context, before any question
+        context_end = s.questions[0][0]
+        assert len(s.fact_reads) == sum(a1 - a0 for a0, a1 in s.answers)
+        reads = iter(s.fact_reads)
+        for (a0, a1), text in zip(s.answers, s.answer_texts, strict=True):
+            links = [next(reads) for _ in range(a0, a1)]
+            assert [read for read, _ in links] == list(range(a0 - 1, a1 - 1))
+            writes = [s.fact_writes[row] for _, row in links]
+            assert writes == list(range(writes[0], writes[0] + a1 - a0))  # one run of bytes
+            assert decode(tokens[writes[0] + 1 : writes[-1] + 2]) == text
+            assert writes[-1] < context_end  # written in the context, before any question
 
 
 def test_collate_numbers_write_rows_across_samples() -> None:
