@@ -46,6 +46,7 @@ _RECIPE_OPTIONS = (
     "seed",
     "next_byte_weight",
     "key_loss_weight",
+    "key_loss_kind",
     "advance_at",
     "checkpoint_every",
     "log_every",
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         "drawn to its fact's write key (memsvc/train/key_loss.py; default 0: off)",
     )
     parser.add_argument(
+        "--key-loss-kind",
+        choices=("softmax", "linear"),
+        help="softmax: nearest among the batch's facts (default); linear: own key's cosine "
+        "up, every earlier key's squared cosine down (what a delta-rule memory needs)",
+    )
+    parser.add_argument(
         "--advance-at",
         type=float,
         help="leave a stage early at this exact-match on its last batches (0.95; 0: never)",
@@ -154,6 +161,7 @@ def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
         "max_steps": args.max_steps,
         "next_byte_weight": args.next_byte_weight,
         "key_loss_weight": args.key_loss_weight,
+        "key_loss_kind": args.key_loss_kind,
         "checkpoint_every": args.checkpoint_every,
         "log_every": args.log_every,
     }

@@ -55,6 +55,38 @@ def key_alignment_loss(
     return torch.stack(losses).mean()
 
 
+BACKGROUND_WEIGHT = 10.0  # random unit keys of 32 dims give a background of about 1/32
+
+
+def linear_key_loss(
+    queries: list[Tensor], heads: int, writes: Tensor, reads: Tensor
+) -> Tensor | None:
+    """The loss for what a linear (delta-rule) memory needs, not only a nearest key: it
+    returns the sum of every stored value weighted by its key's dot product with the
+    query, so the read query must meet its own write key (1 - cos) and be near-orthogonal
+    to every other key written before it: BACKGROUND_WEIGHT x the mean squared cosine
+    to the queries of every earlier position of its sample (the memory's other keys).
+    Mean over blocks, heads and reads; None when the batch has no reads."""
+    if reads.shape[0] == 0:
+        return None
+    own_rows = writes[reads[:, 2]]  # (n_r, 2)
+    losses = []
+    for q in queries:
+        n, t, d = q.shape
+        q = q.view(n // heads, heads, t, d)
+        r = q[reads[:, 0], :, reads[:, 1]]  # (n_r, H, d)
+        own = (r * q[own_rows[:, 0], :, own_rows[:, 1]]).sum(-1)  # (n_r, H)
+        background = torch.empty_like(own)
+        for b in reads[:, 0].unique().tolist():
+            rows = (reads[:, 0] == b).nonzero().squeeze(1)
+            sims = torch.einsum("rhd,htd->rht", r[rows], q[b])  # (n, H, T)
+            earlier = torch.arange(t, device=q.device)[None] < reads[rows, 1, None]  # (n, T)
+            mean_sq = (sims.square() * earlier[:, None]).sum(-1) / earlier.sum(-1, keepdim=True)
+            background[rows] = mean_sq
+        losses.append(((1 - own) + BACKGROUND_WEIGHT * background).mean())
+    return torch.stack(losses).mean()
+
+
 def with_key_loss(
     loss: Tensor, memories: list[NeuralMemory], batch: Batch, recipe: TrainRecipe
 ) -> Tensor:
@@ -62,11 +94,15 @@ def with_key_loss(
     queries = [m.last_queries for m in memories]
     if any(q is None for q in queries):
         raise RuntimeError("the memories kept no queries: run the forward first")
-    align = key_alignment_loss(
-        queries,  # type: ignore[arg-type]
-        memories[0].config.heads,
-        batch.fact_writes,
-        batch.fact_reads,
-        recipe.key_loss_temperature,
-    )
+    heads = memories[0].config.heads
+    if recipe.key_loss_kind == "linear":
+        align = linear_key_loss(queries, heads, batch.fact_writes, batch.fact_reads)  # type: ignore[arg-type]
+    else:
+        align = key_alignment_loss(
+            queries,  # type: ignore[arg-type]
+            heads,
+            batch.fact_writes,
+            batch.fact_reads,
+            recipe.key_loss_temperature,
+        )
     return loss if align is None else loss + recipe.key_loss_weight * align

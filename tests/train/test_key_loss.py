@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from memsvc.model.tokenizer import decode
-from memsvc.train.key_loss import key_alignment_loss
+from memsvc.train.key_loss import BACKGROUND_WEIGHT, key_alignment_loss, linear_key_loss
 from memsvc.train.recipe import TrainRecipe, model_config
 from memsvc.train.tasks import Stage, TaskSpec, collate, sample
 from memsvc.train.trainer import Trainer
@@ -62,6 +62,25 @@ def test_the_loss_is_the_documented_softmax_over_the_batchs_facts() -> None:
         want += -torch.log_softmax(torch.stack(logits), 0)[target]
     torch.testing.assert_close(got, want / 2)
     assert key_alignment_loss([q], heads, writes, reads[:0], 0.5) is None
+
+
+def test_the_linear_loss_is_own_cosine_and_the_background_of_earlier_keys() -> None:
+    torch.manual_seed(1)
+    heads, d, t = 2, 4, 12
+    q = F.normalize(torch.randn(2 * heads, t, d), dim=-1)
+    writes = torch.tensor([[0, 1], [0, 3], [1, 2]])
+    reads = torch.tensor([[0, 8, 1], [0, 10, 0], [1, 11, 2]])
+    got = linear_key_loss([q], heads, writes, reads)
+    qq = q.view(2, heads, t, d)
+    terms = []
+    for b, pos, row in reads.tolist():
+        wb, wp = writes[row].tolist()
+        for h in range(heads):
+            own = float(qq[b, h, pos] @ qq[wb, h, wp])
+            background = sum(float(qq[b, h, pos] @ qq[b, h, j]) ** 2 for j in range(pos)) / pos
+            terms.append((1 - own) + BACKGROUND_WEIGHT * background)
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert linear_key_loss([q], heads, writes, reads[:0]) is None
 
 
 def test_a_trainer_with_the_key_loss_steps_and_keeps_it_off_by_default(tmp_path: Path) -> None:
