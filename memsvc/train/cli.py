@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--key-loss-kind",
-        choices=("softmax", "linear"),
+        choices=("softmax", "linear", "both"),
         help="softmax: nearest among the batch's facts (default); linear: own key's cosine "
-        "up, every earlier key's squared cosine down (what a delta-rule memory needs)",
+        "up, every earlier key's squared cosine down (what a delta-rule memory needs); both",
     )
     parser.add_argument(
         "--advance-at",

@@ -94,15 +94,11 @@ def with_key_loss(
     queries = [m.last_queries for m in memories]
     if any(q is None for q in queries):
         raise RuntimeError("the memories kept no queries: run the forward first")
-    heads = memories[0].config.heads
-    if recipe.key_loss_kind == "linear":
-        align = linear_key_loss(queries, heads, batch.fact_writes, batch.fact_reads)  # type: ignore[arg-type]
-    else:
-        align = key_alignment_loss(
-            queries,  # type: ignore[arg-type]
-            heads,
-            batch.fact_writes,
-            batch.fact_reads,
-            recipe.key_loss_temperature,
-        )
+    heads, writes, reads = memories[0].config.heads, batch.fact_writes, batch.fact_reads
+    align = None
+    if recipe.key_loss_kind in ("softmax", "both"):
+        align = key_alignment_loss(queries, heads, writes, reads, recipe.key_loss_temperature)  # type: ignore[arg-type]
+    if recipe.key_loss_kind in ("linear", "both"):
+        linear = linear_key_loss(queries, heads, writes, reads)  # type: ignore[arg-type]
+        align = linear if align is None or linear is None else align + linear
     return loss if align is None else loss + recipe.key_loss_weight * align

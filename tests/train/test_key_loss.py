@@ -98,3 +98,30 @@ def test_a_trainer_with_the_key_loss_steps_and_keeps_it_off_by_default(tmp_path:
     a, b = off.step(), on.step()  # same weights, same batch: the loss differs by the term
     assert a.answer_loss == pytest.approx(b.answer_loss, rel=1e-5)
     assert b.loss > a.loss and math.isfinite(b.loss)
+
+
+def test_both_kinds_add_the_softmax_and_the_linear_loss() -> None:
+    from types import SimpleNamespace
+
+    from memsvc.train.key_loss import with_key_loss
+
+    torch.manual_seed(2)
+    heads, d, t = 2, 4, 12
+    q = F.normalize(torch.randn(2 * heads, t, d), dim=-1)
+    memory = SimpleNamespace(last_queries=q, config=SimpleNamespace(heads=heads))
+    batch = SimpleNamespace(
+        fact_writes=torch.tensor([[0, 1], [0, 3], [1, 2]]),
+        fact_reads=torch.tensor([[0, 8, 1], [1, 11, 2]]),
+    )
+    stage = Stage("facts", 320, "out_of_window", 1, 1, kinds=("facts",))
+    loss = {
+        kind: with_key_loss(
+            torch.zeros(()),
+            [memory],
+            batch,
+            TrainRecipe(stages=(stage,), key_loss_weight=2.0, key_loss_kind=kind),
+        )
+        for kind in ("softmax", "linear", "both")
+    }
+    torch.testing.assert_close(loss["both"], loss["softmax"] + loss["linear"])
+    assert float(loss["softmax"]) > 0 and float(loss["linear"]) > 0
