@@ -137,12 +137,23 @@ class MemoryConfig:
         return [(d, h)] + [(h, h)] * (self.depth - 2) + [(h, d)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, without those added after models shipped while they hold the value
+        those models had: a model's hash (and the hash sessions pin) covers this dict, so
+        a new knob left at its default changes no shipped model's identity."""
+        data = asdict(self)
+        for name, value in _ADDED_LATER.items():
+            if data[name] == value:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
         require_known_fields(cls, data)
         return cls(**data)
+
+
+# Fields added after models shipped, with the value every earlier model behaves as.
+_ADDED_LATER: dict[str, Any] = {"gate": "absolute", "gate_softness": 0.1}
 
 
 def _require(ok: bool, message: str) -> None:

@@ -72,8 +72,11 @@ class ModelConfig:
         return max(1, round(self.ffn_mult * self.d_model))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; the memory config nests as a dict."""
-        return asdict(self)
+        """Plain JSON-ready dict; the memory config nests as its own `to_dict`."""
+        data = asdict(self)
+        if self.memory is not None:
+            data["memory"] = self.memory.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

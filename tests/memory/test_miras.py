@@ -175,3 +175,13 @@ def test_relative_gate_trains_straight_through_and_forwards_unchanged() -> None:
     skipped = slice(5, 16)  # tokens that only the skipped chunks write (lookahead aside)
     assert not grads[False][:, skipped].any()
     assert grads[True][:, skipped].abs().sum() > 0
+
+
+def test_gate_fields_added_later_leave_earlier_configs_and_hashes_unchanged() -> None:
+    plain = MemoryConfig(dim=8)
+    assert "gate" not in plain.to_dict() and "gate_softness" not in plain.to_dict()
+    relative = MemoryConfig(dim=8, tau=1.0, gate="relative", gate_softness=0.2)
+    data = relative.to_dict()
+    assert data["gate"] == "relative" and data["gate_softness"] == 0.2
+    assert MemoryConfig.from_dict(data) == relative
+    assert MemoryConfig.from_dict(plain.to_dict()) == plain
