@@ -98,7 +98,8 @@ class Batch:
     answer_mask: Tensor  # (B, L-1) bool: the target is an answer byte
     text_mask: Tensor  # (B, L-1) bool: the target is a real token (next-byte loss)
     # Keyed facts (Sample.fact_writes / fact_reads), as input positions: rows (sample,
-    # position) of every fact's write, and rows (sample, position, write row) per question.
+    # position) of every value byte's write, and rows (sample, position, write row) per
+    # answer byte.
     fact_writes: Tensor  # (n_w, 2) int64
     fact_reads: Tensor  # (n_r, 3) int64
 
