@@ -51,6 +51,7 @@ def key_match(
     """Per block, how the read queries of `samples` probes meet their facts' write keys."""
     import torch
 
+    from memsvc.model.tokenizer import PAD_ID
     from memsvc.train.facts import make_fact_probe
     from memsvc.train.key_loss import keep_queries
 
@@ -65,14 +66,20 @@ def key_match(
             )
             context = probe.context.tolist()
             writes = [_find(context, q.answer.encode()) - 1 for q in probe.questions]
-            for index, question in enumerate(probe.questions):
-                tokens = torch.cat([probe.context, question.question])[None]
-                with torch.no_grad():
-                    model(tokens)
+            # Every question after the context in one batch, padded on the right (causal:
+            # the padding changes no earlier position); each row reads at its last token.
+            rows = [torch.cat([probe.context, q.question]) for q in probe.questions]
+            tokens = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.int64)
+            for row, ids in zip(tokens, rows, strict=True):
+                row[: len(ids)] = ids
+            with torch.no_grad():
+                model(tokens)
+            for index, ids in enumerate(rows):
                 for count, memory in zip(counts, memories, strict=True):
                     q = memory.last_queries
-                    q = q.view(1, heads, *q.shape[1:])[0]  # (H, T, d)
-                    cos = (q[:, -1:] * q[:, writes]).sum(-1).mean(0)  # (facts,)
+                    q = q.view(len(rows), heads, *q.shape[1:])[index]  # (H, T, d)
+                    read = q[:, len(ids) - 1 : len(ids)]
+                    cos = (read * q[:, writes]).sum(-1).mean(0)  # (facts,)
                     count[0] += int(int(cos.argmax()) == index)
                     count[1] += 1
                     count[2] += float(cos[index])
