@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--key-loss-kind",
-        choices=("softmax", "linear", "both"),
+        choices=("softmax", "linear", "both", "spread"),
         help="softmax: nearest among the batch's facts (default); linear: own key's cosine "
-        "up, every earlier key's squared cosine down (what a delta-rule memory needs); both",
+        "up, every earlier key's squared cosine down (what a delta-rule memory needs); both; "
+        "spread: softmax + the facts' own write keys pushed near-orthogonal",
     )
     parser.add_argument(
         "--advance-at",

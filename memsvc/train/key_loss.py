@@ -87,6 +87,34 @@ def linear_key_loss(
     return torch.stack(losses).mean()
 
 
+def spread_key_loss(queries: list[Tensor], heads: int, writes: Tensor) -> Tensor | None:
+    """What keeps facts apart in a delta-rule memory: every value byte of every fact of a
+    sample written under its own near-orthogonal key. BACKGROUND_WEIGHT x the mean squared
+    cosine between the write keys of two different value bytes of the same sample, over
+    blocks, heads and pairs; None when no sample writes two bytes."""
+    samples = [
+        rows
+        for b in writes[:, 0].unique().tolist()
+        if len(rows := (writes[:, 0] == b).nonzero().squeeze(1)) > 1
+    ]
+    if not samples:
+        return None
+    losses = []
+    for q in queries:
+        n, t, d = q.shape
+        q = q.view(n // heads, heads, t, d)
+        per_sample = []
+        for rows in samples:
+            k = q[writes[rows, 0], :, writes[rows, 1]]  # (m, H, d)
+            gram = torch.einsum("ahd,bhd->hab", k, k).square()  # (H, m, m)
+            m = k.shape[0]
+            per_sample.append(
+                (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (m * (m - 1))
+            )
+        losses.append(torch.stack(per_sample).mean())
+    return BACKGROUND_WEIGHT * torch.stack(losses).mean()
+
+
 def with_key_loss(
     loss: Tensor, memories: list[NeuralMemory], batch: Batch, recipe: TrainRecipe
 ) -> Tensor:
@@ -96,9 +124,12 @@ def with_key_loss(
         raise RuntimeError("the memories kept no queries: run the forward first")
     heads, writes, reads = memories[0].config.heads, batch.fact_writes, batch.fact_reads
     align = None
-    if recipe.key_loss_kind in ("softmax", "both"):
+    if recipe.key_loss_kind in ("softmax", "both", "spread"):
         align = key_alignment_loss(queries, heads, writes, reads, recipe.key_loss_temperature)  # type: ignore[arg-type]
     if recipe.key_loss_kind in ("linear", "both"):
         linear = linear_key_loss(queries, heads, writes, reads)  # type: ignore[arg-type]
         align = linear if align is None or linear is None else align + linear
+    if recipe.key_loss_kind == "spread":
+        spread = spread_key_loss(queries, heads, writes)  # type: ignore[arg-type]
+        align = spread if align is None else align if spread is None else align + spread
     return loss if align is None else loss + recipe.key_loss_weight * align

@@ -162,7 +162,9 @@ class TrainRecipe:
     next_byte_weight: float = 0.3  # loss = answer loss + w * next-byte loss
     # + key_loss_weight * the key-alignment loss of keyed facts (memsvc/train/key_loss.py)
     key_loss_weight: float = 0.0
-    key_loss_kind: str = "softmax"  # "linear" (key_loss.linear_key_loss) or "both" (their sum)
+    # "linear" (key_loss.linear_key_loss), "both" (their sum) or "spread" (softmax +
+    # key_loss.spread_key_loss: the facts' own write keys kept near-orthogonal)
+    key_loss_kind: str = "softmax"
     key_loss_temperature: float = 0.1
     # A stage ends after its steps, or once the mean exact-match of its last
     # `advance_window` batches reaches `advance_at` (None: by steps only).
@@ -195,7 +197,8 @@ class TrainRecipe:
         _require(self.key_loss_weight >= 0, "key_loss_weight >= 0")
         _require(self.key_loss_temperature > 0, "key_loss_temperature > 0")
         _require(
-            self.key_loss_kind in ("softmax", "linear", "both"), "key_loss_kind softmax/linear/both"
+            self.key_loss_kind in ("softmax", "linear", "both", "spread"),
+            "key_loss_kind softmax/linear/both/spread",
         )
         _require(self.advance_at is None or 0 < self.advance_at <= 1, "advance_at in (0, 1]")
         _require(self.advance_window >= 1 and self.max_bad_steps >= 1, "windows >= 1")

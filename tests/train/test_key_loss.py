@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from memsvc.model.tokenizer import decode
-from memsvc.train.key_loss import BACKGROUND_WEIGHT, key_alignment_loss, linear_key_loss
+from memsvc.train.key_loss import (
+    BACKGROUND_WEIGHT,
+    key_alignment_loss,
+    linear_key_loss,
+    spread_key_loss,
+)
 from memsvc.train.recipe import TrainRecipe, model_config
 from memsvc.train.tasks import Stage, TaskSpec, collate, sample
 from memsvc.train.trainer import Trainer
@@ -121,7 +126,32 @@ def test_both_kinds_add_the_softmax_and_the_linear_loss() -> None:
             batch,
             TrainRecipe(stages=(stage,), key_loss_weight=2.0, key_loss_kind=kind),
         )
-        for kind in ("softmax", "linear", "both")
+        for kind in ("softmax", "linear", "both", "spread")
     }
     torch.testing.assert_close(loss["both"], loss["softmax"] + loss["linear"])
-    assert float(loss["softmax"]) > 0 and float(loss["linear"]) > 0
+    spread = spread_key_loss([q], heads, batch.fact_writes)
+    assert spread is not None
+    torch.testing.assert_close(loss["spread"], loss["softmax"] + 2.0 * spread)
+    assert float(loss["softmax"]) > 0 and float(loss["linear"]) > 0 and float(spread) > 0
+
+
+def test_the_spread_loss_is_the_squared_cosine_between_a_samples_different_write_keys() -> None:
+    torch.manual_seed(3)
+    heads, d, t = 2, 4, 12
+    q = F.normalize(torch.randn(3 * heads, t, d), dim=-1)  # 3 samples, the last writes one byte
+    writes = torch.tensor([[0, 1], [0, 3], [0, 4], [1, 2], [1, 7], [2, 5]])
+    got = spread_key_loss([q], heads, writes)
+    qq = q.view(3, heads, t, d)
+    per_sample = []
+    for b in (0, 1):
+        positions = [p for wb, p in writes.tolist() if wb == b]
+        pairs = [(i, j) for i in positions for j in positions if i != j]
+        per_sample.append(
+            sum(float(qq[b, h, i] @ qq[b, h, j]) ** 2 for i, j in pairs for h in range(heads))
+            / (len(pairs) * heads)
+        )
+    assert float(got) == pytest.approx(BACKGROUND_WEIGHT * sum(per_sample) / 2, rel=1e-5)
+    # Orthogonal keys cost nothing; one sample writing a single byte gives no loss.
+    eye = torch.eye(d).repeat(heads, 1, 1)  # (H, d, d): position p's key is axis p
+    assert float(spread_key_loss([eye], heads, torch.tensor([[0, 0], [0, 1], [0, 3]]))) == 0
+    assert spread_key_loss([q], heads, writes[-1:]) is None
