@@ -5,7 +5,9 @@ Measured on one model and thread count, each a median over repeats:
 - reference: `StreamingEngine.generate` through the chunk path one token at a time
   (`fast_decode=False`), the path the decoder is tested equal to;
 - decode: the decoder (`decode_batch`) with 1, 8 and 32 concurrent generations
-  (aggregate tokens/s);
+  (aggregate tokens/s), with its C++ step (kernels/decode_step, built first);
+- decode eager: the same decoder with its eager step (every op an ATen dispatch),
+  1 session, the peer of the C++ step;
 - bulk append: one long append (tokens/s), the engine's best case;
 - appends of 1 and 64 tokens: engine time per call;
 - the compute floor: the model's FLOPs per generated token over the rate a large
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import decode_step
 from memsvc.bench.timing import Timing, time_median
 from memsvc.engine import SamplingParams, StreamingEngine
 from memsvc.model import MAGModel, load_model
@@ -99,7 +102,13 @@ def run_decode_benchmark(
     torch.manual_seed(0)
     model = load_model(model_dir)
     fast = StreamingEngine(model)
+    eager = StreamingEngine(model, decode_cpp=False)
     reference = StreamingEngine(model, fast_decode=False)
+    try:
+        decode_step.load()
+        cpp_error = None
+    except RuntimeError as error:  # no compiler: every decode line is the eager step
+        cpp_error = str(error)
     text = torch.randint(0, 256, (history + bulk_tokens + 64,)).tolist()
     state = fast.append(fast.init_state(), text[:history])[0]
     greedy = SamplingParams(temperature=0, allow_eos=False, max_new_tokens=tokens)
@@ -125,6 +134,13 @@ def run_decode_benchmark(
                 lambda n=n: list(fast.decode_batch([state] * n, [[65]] * n, greedy)),
             )
         )
+    rates.append(
+        measure(
+            "decode eager, 1 session",
+            tokens,
+            lambda: list(eager.decode_batch([state], [[65]], greedy)),
+        )
+    )
     bulk = text[history : history + bulk_tokens]
     rates.append(measure("bulk append", bulk_tokens, lambda: fast.append(state, bulk)))
     appends = {}
@@ -140,6 +156,7 @@ def run_decode_benchmark(
         "model": str(model_dir),
         "params": model.num_params(),
         "threads": threads,
+        "cpp_step": cpp_error or "built",
         "tokens_per_generation": tokens,
         "history": history,
         "load_avg": [load_before, os.getloadavg()[0]],
@@ -154,6 +171,7 @@ def run_decode_benchmark(
         bulk_rate = by_name["bulk append"].per_s
         report["ratios"] = {
             "decode1_vs_reference": one.per_s / ref.per_s,
+            "decode1_vs_eager": one.per_s / by_name["decode eager, 1 session"].per_s,
             "decode1_vs_bulk": one.per_s / bulk_rate,
             **{
                 f"decode{n}_vs_decode1": by_name[f"decode, {n} sessions"].per_s / one.per_s
@@ -168,7 +186,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"memsvc bench decode: {report['model']} ({report['params']:,} parameters), "
         f"{report['threads']} thread(s), {report['tokens_per_generation']} tokens per "
-        f"generation after {report['history']} tokens of history; "
+        f"generation after {report['history']} tokens of history; C++ step "
+        f"{report['cpp_step']}; "
         f"load avg {report['load_avg'][0]:.1f} -> {report['load_avg'][1]:.1f}",
         f"{'':34s} {'tokens/s':>10s} {'per CPU-s':>10s} {'median ms':>10s} {'cpu_util':>8s}",
     ]

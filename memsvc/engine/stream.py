@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import decode_step
 from memsvc.engine.decode import DecodeBatch, StopRule, make_generator
 from memsvc.engine.pool import DecodePool
 from memsvc.engine.sampling import SamplingParams, sample_next
@@ -67,6 +68,7 @@ class StreamingEngine:
         max_segment: int = 4096,
         use_memory: bool = True,
         fast_decode: bool = True,
+        decode_cpp: bool = True,
     ) -> None:
         config = model.config
         self.model = model
@@ -85,6 +87,12 @@ class StreamingEngine:
             torch.float32,
             torch.float64,
         )
+        # Its C++ step (kernels/decode_step) on the CPU: asking for it here starts the
+        # build (about a minute, once per machine) in the background; the decoder runs
+        # its eager step until the build is ready.
+        self.decode_cpp = decode_cpp
+        if self.fast_decode and decode_cpp and self.device.type == "cpu":
+            decode_step.module()
 
     @torch.no_grad()
     def init_state(self) -> ModelState:
@@ -160,7 +168,9 @@ class StreamingEngine:
         if any(len(p) == 0 for p in ids):
             raise ValueError("generate needs at least one prompt token (sampling starts from it)")
         appended = self.step_batch(states, ids)
-        decoder = Decoder(self.model, [s for s, _ in appended], self.use_memory)
+        decoder = Decoder(
+            self.model, [s for s, _ in appended], self.use_memory, fast=self.decode_cpp
+        )
         logits = torch.stack([stats.last_logits for _, stats in appended])  # (B, V)
         starts = [s for s, _ in appended]
         return DecodeBatch(self.decoder_for, decoder, logits, per_session, starts, self.replay)
@@ -171,7 +181,7 @@ class StreamingEngine:
 
     def decoder_for(self, states: Sequence[ModelState], start: int = 0) -> Decoder:
         """Decoder rows for `states`, laid out to join a decoder at step `start`."""
-        return Decoder(self.model, states, self.use_memory, start)
+        return Decoder(self.model, states, self.use_memory, start, fast=self.decode_cpp)
 
     def replay(self, state: ModelState, tokens: Sequence[int]) -> tuple[ModelState, Tensor]:
         """`tokens` appended to `state` on the chunk path, and the logits (V,) after them."""
@@ -263,7 +273,11 @@ class Generation:
     ) -> Iterator[int]:
         rule = StopRule(params)
         logits, state = engine._forward(prompt[None], state)  # (1, V)
-        decoder = Decoder(engine.model, [state], engine.use_memory) if engine.fast_decode else None
+        decoder = (
+            Decoder(engine.model, [state], engine.use_memory, fast=engine.decode_cpp)
+            if engine.fast_decode
+            else None
+        )
         while True:
             sampled = sample_next(logits, params, generator)  # (1,)
             token = int(sampled[0])

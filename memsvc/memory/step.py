@@ -122,6 +122,23 @@ class MemoryStep:
         self.value_slots = [self.values[:, :, j] for j in range(c)]
         self.gate_slots = [self.gates[:, :, j] for j in range(c)]
 
+    def bind_fast(self, fast) -> None:
+        """Hand the C++ decode step (kernels/decode_step) this memory's buffers; it reads
+        and writes them in place, so `write_chunk` and `export` see its tokens."""
+        assert self.delta, "the C++ step runs the delta rule only"
+        self.last_query = self.last_query.contiguous()
+        self.query_before = torch.empty_like(self.last_query)
+        fast.running, fast.mkeys, fast.mvalues = self.running, self.keys, self.values
+        fast.mgates, fast.gate_scale = self.gates, self.gate_scale
+        fast.last_query, fast.query_before = self.last_query, self.query_before
+        if self.mitigation is not None:
+            fast.mit_mul, fast.mit_add = self.mitigation
+        if self.out_t is not None:
+            fast.mem_out_t = self.out_t
+        cfg = self.memory.config
+        fast.mem_heads, fast.mem_head_dim = cfg.heads, cfg.head_dim
+        fast.mem_parts, fast.lookahead = self.memory.channels // cfg.dim, cfg.lookahead
+
     def step(self, p: Tensor, gate_logits: Tensor, slot: int) -> Tensor:
         """One token of every stream. p: (B, channels) the convolved, SiLU'd projections;
         gate_logits (B, 3H); slot = step % C. Returns y (B, dim) after the out-proj."""

@@ -28,11 +28,13 @@ holds them equal (logits and state, any split).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import decode_step
 from memsvc.memory import MemoryState
 from memsvc.memory.step import MemoryStep
 from memsvc.model.attention import AttentionCache, rope_angles
@@ -51,6 +53,7 @@ class _LayerDecoder:
         positions: Tensor,
         use_memory: bool,
         start: int = 0,
+        cpp: ModuleType | None = None,
     ) -> None:
         cfg = block.config
         d, h, dh, w, k = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.window, cfg.attn_conv_size
@@ -157,6 +160,7 @@ class _LayerDecoder:
         self.gate_up_t = (blk.ffn.gate_up.weight * blk.ffn_norm.weight).t().contiguous()
         self.down_t = blk.ffn.down.weight.t().contiguous()
         self.norm_w = blk.norm.weight
+        self.cpp = cpp if self.mem_step is None or self.mem_step.delta else None
         self._bind()
 
     def _bind(self) -> None:
@@ -178,9 +182,26 @@ class _LayerDecoder:
         self.values_bh = self.values.view(b * h, n_keys, dh)
         self.proj_split = [cc, cfg.d_model, self.proj_t.shape[1] - cc - cfg.d_model]
         self.conv_split = [2 * cfg.d_model, 2 * cfg.d_model, self.mem_channels]
+        self.fast = None if self.cpp is None else self._fast_step(self.cpp)
+
+    def _fast_step(self, cpp: ModuleType):
+        """The C++ step (kernels/decode_step) bound to this layer's weights and buffers."""
+        cfg, fast = self.cfg, cpp.LayerStep()
+        fast.proj_t, fast.proj_bias, fast.taps = self.proj_t, self.proj_bias, self.taps
+        fast.out_t, fast.gate_up_t, fast.down_t = self.out_t, self.gate_up_t, self.down_t
+        fast.history, fast.keys, fast.values = self.history, self.keys, self.values
+        fast.raw_keys, fast.mask = self.raw_keys, self.mask
+        fast.heads, fast.head_dim = cfg.n_heads, cfg.head_dim
+        fast.residual, fast.eps = cfg.memory_residual, cfg.norm_eps
+        if self.mem_step is not None:
+            fast.mem_norm_w = self.mem_norm_w
+            self.mem_step.bind_fast(fast)
+        return fast
 
     def step(self, x: Tensor, step: int, cos: Tensor, sin: Tensor, chunk_ends: list[int]) -> Tensor:
         """x (B, D) -> (B, D) for the token at decoder step `step`; cos, sin (dh,) its RoPE."""
+        if self.fast is not None:
+            return self._step_fast(x, step, cos, sin, chunk_ends)
         cfg = self.cfg
         b, d, h, dh = self.batch, cfg.d_model, cfg.n_heads, cfg.head_dim
         eps = self.eps
@@ -211,11 +232,7 @@ class _LayerDecoder:
             c = self.memory.config.chunk_size
             y_mem = self.mem_step.step(F.silu(mem_in), gate_logits, step % c)
             if chunk_ends:
-                idx = torch.tensor(chunk_ends, device=x.device)
-                cs = self.memory.config.conv_size
-                tail = window[idx, self.span - cs : self.span - 1, 4 * d :]
-                hn = F.rms_norm(x[idx], (d,), self.norm_w, cfg.norm_eps)
-                y_mem[idx] = self.mem_step.write_chunk(chunk_ends, hn, tail, step % c)
+                self._write_chunks(x, y_mem, step, chunk_ends)
             gate = torch.sigmoid(y_mem * _inv_rms(y_mem, eps) * self.mem_norm_w)
             x = torch.addmm(x, o * gate, self.out_t)
             if cfg.memory_residual:
@@ -225,29 +242,54 @@ class _LayerDecoder:
         g, u = torch.mm(x * _inv_rms(x, eps), self.gate_up_t).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(g) * u, self.down_t)
 
+    def _step_fast(
+        self, x: Tensor, step: int, cos: Tensor, sin: Tensor, chunk_ends: list[int]
+    ) -> Tensor:
+        """`step` through the C++ kernel: the same arithmetic, two calls."""
+        c = self.memory.config.chunk_size if self.mem_step is not None else 1
+        o, y_mem = self.fast.attend(x, step, cos, sin, step % c)
+        if y_mem is None:
+            return self.fast.mix(x, o, o)  # no memory: its argument is not read
+        if chunk_ends:
+            self._write_chunks(x, y_mem, step, chunk_ends)
+        return self.fast.mix(x, o, y_mem)
+
+    def _write_chunks(self, x: Tensor, y_mem: Tensor, step: int, chunk_ends: list[int]) -> None:
+        """The memory's write for the streams whose chunk ends at this step: their y_mem
+        rows replaced by the chunk path's (MemoryStep.write_chunk)."""
+        assert self.mem_step is not None
+        cfg, d = self.cfg, self.cfg.d_model
+        idx = torch.tensor(chunk_ends, device=x.device)
+        cs = self.memory.config.conv_size
+        window = self.windows[step % self.span]
+        tail = window[idx, self.span - cs : self.span - 1, 4 * d :]
+        hn = F.rms_norm(x[idx], (d,), self.norm_w, cfg.norm_eps)
+        c = self.memory.config.chunk_size
+        y_mem[idx] = self.mem_step.write_chunk(chunk_ends, hn, tail, step % c)
+
     def keep(self, streams: list[int]) -> None:
         idx = torch.tensor(streams, device=self.history.device)
         self.batch = len(streams)
         for name in ("history", "keys", "values", "raw_keys", "mask"):
             setattr(self, name, getattr(self, name)[idx])
-        self._bind()
         if self.mem_step is not None:
             self.mem_step.keep(streams)
         else:
             self.frozen_memory = [self.frozen_memory[i] for i in streams]
+        self._bind()
 
     def extend(self, other: _LayerDecoder) -> None:
         """Append `other`'s streams (a decoder of the same block at the same step)."""
         for name in ("history", "keys", "values", "raw_keys", "mask"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.batch += other.batch
-        self._bind()
         if self.mem_step is not None:
             assert other.mem_step is not None
             self.mem_step.extend(other.mem_step)
         else:
             assert self.frozen_memory is not None and other.frozen_memory is not None
             self.frozen_memory = [*self.frozen_memory, *other.frozen_memory]
+        self._bind()
 
     def export(self, stream: int, steps: int) -> BlockState:
         """Stream `stream`'s block state after `steps` steps (the last one is steps - 1)."""
@@ -293,6 +335,7 @@ class Decoder:
         states: Sequence[ModelState],
         use_memory: bool = True,
         start: int = 0,
+        fast: bool = True,
     ):
         if not states:
             raise ValueError("a decoder needs at least one state")
@@ -306,8 +349,9 @@ class Decoder:
         positions = torch.cat([s.position for s in states])
         use_memory = use_memory and cfg.use_memory
         self.use_memory = use_memory
+        cpp = _cpp_step(model) if fast else None
         self.layers = [
-            _LayerDecoder(block, [s.blocks[i] for s in states], positions, use_memory, start)
+            _LayerDecoder(block, [s.blocks[i] for s in states], positions, use_memory, start, cpp)
             for i, block in enumerate(model.blocks)
         ]
         self.chunk = c = cfg.memory.chunk_size if use_memory else 0
@@ -392,6 +436,15 @@ class Decoder:
         cos, sin = self._rope
         j = step - self._rope_base
         return cos[j], sin[j]
+
+
+def _cpp_step(model: MAGModel) -> ModuleType | None:
+    """kernels.decode_step for a float32 or float64 model on the CPU once it is built (the
+    first call starts the build and the eager step runs meanwhile); else None."""
+    weight = model.embed.weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
+        return None
+    return decode_step.module()
 
 
 class _Views:

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kernels import decode_step
 from memsvc.model import MAGModel
 from memsvc.model.decode import Decoder
 from memsvc.train.recipe import memory_config
@@ -18,6 +19,28 @@ from tests.state_asserts import assert_states_equal
 from .conftest import small_config, small_model
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
+
+
+@pytest.fixture(autouse=True, params=["eager", "cpp"])
+def step_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: the eager step, and the C++ step (kernels/decode_step)."""
+    if request.param == "cpp":
+        decode_step.load()
+    else:
+        monkeypatch.setenv("MEMSVC_DECODE_CPP", "0")
+    return request.param
+
+
+def test_the_cpp_step_runs_the_delta_memory_and_no_memory(step_path: str) -> None:
+    cpp = step_path == "cpp"
+    state = small_model(0).init_state(1)
+    assert (Decoder(small_model(0), [state]).layers[0].fast is not None) == cpp
+    assert (Decoder(small_model(0), [state], use_memory=False).layers[1].fast is not None) == cpp
+    assert Decoder(small_model(0), [state], fast=False).layers[0].fast is None
+    deep = deep_model()
+    assert Decoder(deep, [deep.init_state(1)]).layers[0].fast is None  # the MLP: eager
+
+
 LENGTH = 41  # past the window (8) and several memory chunks (4)
 
 

@@ -1,0 +1,87 @@
+"""One MAG block's decode step as a C++ extension (`step.cpp`), for the CPU.
+
+The decoder's step is about 75 small ATen ops per layer, and at a (1, 128) row each
+costs its dispatch (1.1-1.5 us, `memsvc bench dispatch`) more than its arithmetic. The
+extension keeps the four GEMMs as ATen calls and does everything between them in plain
+loops over the rows: two calls per layer. `memsvc/model/decode.py` is its reference
+and its caller; tests/kernels/test_decode_step.py holds the two equal.
+
+Compiling takes about a minute the first time (torch caches the build under
+~/.cache/torch_extensions), so `module()` never waits for it: the first call starts the
+build in a background thread and returns None, and the caller runs the eager step
+until the build is ready. `load()` waits (tests, benchmarks). Set
+MEMSVC_DECODE_CPP=0 to never build or use it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import structlog
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "error": None, "thread": None}
+
+
+def enabled() -> bool:
+    return os.environ.get("MEMSVC_DECODE_CPP", "1") != "0"
+
+
+def _build() -> None:
+    try:
+        from torch.utils.cpp_extension import load
+
+        try:  # the `ninja` wheel (a runtime dependency) when no ninja is on the PATH
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
+        except ImportError:
+            pass
+
+        source = Path(__file__).with_name("step.cpp")
+        module = load(
+            name="memsvc_decode_step",
+            sources=[str(source)],
+            # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+            verbose=False,
+        )
+        _state["module"] = module
+    except Exception as error:  # no compiler or headers: the eager step stays
+        _state["error"] = f"{type(error).__name__}: {error}"[:500]
+        structlog.get_logger().warning("decode_cpp_unavailable", error=_state["error"])
+
+
+def module() -> ModuleType | None:
+    """The built extension, or None while it builds (started here) or when it cannot."""
+    if not enabled():
+        return None
+    if _state["module"] is not None:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if _state["thread"] is None and _state["error"] is None:
+            thread = threading.Thread(target=_build, name="decode-step-build", daemon=True)
+            _state["thread"] = thread
+            thread.start()
+    return _state["module"]  # type: ignore[return-value]
+
+
+def load() -> ModuleType:
+    """The built extension, building it now if needed; RuntimeError when it cannot be."""
+    if not enabled():
+        raise RuntimeError("MEMSVC_DECODE_CPP=0: the C++ decode step is switched off")
+    module()
+    thread = _state["thread"]
+    if isinstance(thread, threading.Thread):
+        thread.join()
+    if _state["module"] is None:
+        raise RuntimeError(f"the C++ decode step did not build: {_state['error']}")
+    return _state["module"]  # type: ignore[return-value]
+
+
+def error() -> str | None:
+    """Why the extension is not available, once a build has failed."""
+    return _state["error"]  # type: ignore[return-value]
