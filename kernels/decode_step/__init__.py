@@ -16,7 +16,10 @@ MEMSVC_DECODE_CPP=0 to never build or use it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -30,26 +33,60 @@ def enabled() -> bool:
     return os.environ.get("MEMSVC_DECODE_CPP", "1") != "0"
 
 
+STALE_LOCK_S = 900  # a build lock older than this was left by a killed build
+
+
+def build_directory() -> Path:
+    """Where the extension is built and cached: per torch version, under torch's root
+    ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = torch.__version__.replace("+", "_")
+    return Path(get_default_build_root()) / f"memsvc_decode_step_{tag}"
+
+
+def _compile() -> ModuleType:
+    """Build (or find built) and import the extension, in this process."""
+    from torch.utils.cpp_extension import load
+
+    try:  # the `ninja` wheel (a runtime dependency) when no ninja is on the PATH
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
+    except ImportError:
+        pass
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    # torch waits forever on a lock file whose build was killed: clear an old one.
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    return load(
+        name="memsvc_decode_step",
+        sources=[str(Path(__file__).with_name("step.cpp"))],
+        # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+
+
 def _build() -> None:
+    """Compile in a child process of its own session, so a parent that exits (or is
+    killed) mid-build leaves no half-built extension or held lock behind, then import."""
     try:
-        from torch.utils.cpp_extension import load
-
-        try:  # the `ninja` wheel (a runtime dependency) when no ninja is on the PATH
-            import ninja
-
-            os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
-        except ImportError:
-            pass
-
-        source = Path(__file__).with_name("step.cpp")
-        module = load(
-            name="memsvc_decode_step",
-            sources=[str(source)],
-            # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
-            verbose=False,
+        done = subprocess.run(
+            [sys.executable, "-c", "import kernels.decode_step as d; d._compile()"],
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+            timeout=STALE_LOCK_S,
+            cwd=Path(__file__).parents[2],
         )
-        _state["module"] = module
+        if done.returncode != 0:
+            raise RuntimeError(f"the build failed: {done.stderr.strip()[-400:]}")
+        _state["module"] = _compile()
     except Exception as error:  # no compiler or headers: the eager step stays
         _state["error"] = f"{type(error).__name__}: {error}"[:500]
         structlog.get_logger().warning("decode_cpp_unavailable", error=_state["error"])
