@@ -69,6 +69,17 @@ struct LayerStep {
   bool lookahead, residual;
   double eps;
 
+  // Scratch tensors, (re)allocated when the batch or dtype changes; o, y_mem and the
+  // block output are returned, so each is valid until this layer's next step.
+  Tensor s_xn, s_proj, s_o, s_y_mem, s_gated, s_x1, s_gu, s_hidden, s_out;
+
+  static Tensor scratch(Tensor& buf, int64_t rows, int64_t cols, const Tensor& like) {
+    if (!buf.defined() || buf.size(0) != rows || buf.size(1) != cols ||
+        buf.scalar_type() != like.scalar_type())
+      buf = torch::empty({rows, cols}, like.options());
+    return buf;
+  }
+
   bool has_memory() const { return running.defined(); }
 
   // Attention and the memory's read and delta write: returns (o, y_mem), o the
@@ -104,7 +115,7 @@ struct LayerStep {
     const int64_t n_keys = keys.size(2), ring = raw_keys.size(2), p = n_keys - ring;
     const int64_t out_n = proj_t.size(1);
 
-    Tensor xn = torch::empty_like(x);
+    Tensor xn = scratch(s_xn, b_n, d, x);
     {
       const T* xp = x.data_ptr<T>();
       T* np = xn.data_ptr<T>();
@@ -113,12 +124,13 @@ struct LayerStep {
         for (int64_t i = 0; i < d; ++i) np[b * d + i] = xp[b * d + i] * r;
       }
     }
-    Tensor proj = torch::addmm(proj_bias, xn, proj_t);  // (B, out)
-    Tensor o = torch::empty({b_n, d}, x.options());
+    Tensor proj = scratch(s_proj, b_n, out_n, x);  // (B, out)
+    torch::addmm_out(proj, proj_bias, xn, proj_t);
+    Tensor o = scratch(s_o, b_n, d, x);
     Tensor y_mem;
     const bool memory = has_memory();
     const int64_t hm = mem_heads, dm = mem_head_dim, dim = hm * dm;
-    if (memory) y_mem = torch::empty({b_n, dim}, x.options());
+    if (memory) y_mem = scratch(s_y_mem, b_n, dim, x);
 
     const T* pp = proj.data_ptr<T>();
     const T* tp = taps.data_ptr<T>();
@@ -262,7 +274,7 @@ struct LayerStep {
   Tensor mix_impl(const Tensor& x, const Tensor& o, const Tensor& y_mem) {
     const T eps_t = static_cast<T>(eps);
     const int64_t b_n = x.size(0), d = x.size(1);
-    Tensor gated = torch::empty_like(o);
+    Tensor gated = scratch(s_gated, b_n, d, x);
     const T* op = o.data_ptr<T>();
     T* gp = gated.data_ptr<T>();
     Tensor x1;
@@ -274,27 +286,34 @@ struct LayerStep {
         for (int64_t i = 0; i < d; ++i)
           gp[b * d + i] = op[b * d + i] * sigmoid(yp[b * d + i] * r * nw[i]);
       }
-      x1 = torch::addmm(x, gated, out_t);
+      x1 = scratch(s_x1, b_n, d, x);
+      torch::addmm_out(x1, x, gated, out_t);
       if (residual) x1.add_(y_mem);
     } else {
-      x1 = torch::addmm(x, o, out_t, 1.0, 0.5);
+      x1 = scratch(s_x1, b_n, d, x);
+      torch::addmm_out(x1, x, o, out_t, 1.0, 0.5);
     }
     const T* xp = x1.data_ptr<T>();
-    Tensor xn = torch::empty_like(x1);
+    Tensor xn = scratch(s_xn, b_n, d, x);
     T* np = xn.data_ptr<T>();
     for (int64_t b = 0; b < b_n; ++b) {
       const T r = inv_rms(xp + b * d, d, eps_t);
       for (int64_t i = 0; i < d; ++i) np[b * d + i] = xp[b * d + i] * r;
     }
-    Tensor gu = torch::mm(xn, gate_up_t);  // (B, 2F)
-    const int64_t f = gu.size(1) / 2;
-    Tensor hidden = torch::empty({b_n, f}, x.options());
+    const int64_t f = gate_up_t.size(1) / 2;
+    Tensor gu = scratch(s_gu, b_n, 2 * f, x);  // (B, 2F)
+    torch::mm_out(gu, xn, gate_up_t);
+    Tensor hidden = scratch(s_hidden, b_n, f, x);
     const T* up = gu.data_ptr<T>();
     T* hp = hidden.data_ptr<T>();
     for (int64_t b = 0; b < b_n; ++b)
       for (int64_t i = 0; i < f; ++i)
         hp[b * f + i] = silu(up[b * 2 * f + i]) * up[b * 2 * f + f + i];
-    return torch::addmm(x1, hidden, down_t);
+    // The block's output is the next block's input: a buffer of this layer's, valid
+    // until its next step.
+    Tensor out = scratch(s_out, b_n, d, x);
+    torch::addmm_out(out, x1, hidden, down_t);
+    return out;
   }
 };
 
