@@ -84,13 +84,18 @@ struct LayerStep {
 
   // Attention and the memory's read and delta write: returns (o, y_mem), o the
   // RMS-scaled attention output (B, D), y_mem (B, dim) (None without memory).
+  // cos, sin: RoPE tables (rows, dh); this step's row is `rope_row`.
   std::vector<Tensor> attend(const Tensor& x, int64_t step, const Tensor& cos,
-                             const Tensor& sin, int64_t slot) {
+                             const Tensor& sin, int64_t rope_row, int64_t slot) {
+    TORCH_CHECK(0 <= rope_row && rope_row < cos.size(0) && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+                    cos.size(1) == head_dim,
+                "cos and sin must be contiguous (rows, head_dim) tables holding rope_row");
     TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be a contiguous (B, D) tensor");
     TORCH_CHECK(x.scalar_type() == proj_t.scalar_type(), "x and the weights differ in dtype");
     std::vector<Tensor> out;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
-      out = attend_impl<scalar_t>(x, step, cos, sin, slot);
+      out = attend_impl<scalar_t>(x, step, cos, sin, rope_row, slot);
     });
     return out;
   }
@@ -106,7 +111,7 @@ struct LayerStep {
 
   template <typename T>
   std::vector<Tensor> attend_impl(const Tensor& x, int64_t step, const Tensor& cos,
-                                  const Tensor& sin, int64_t slot) {
+                                  const Tensor& sin, int64_t rope_row, int64_t slot) {
     using V = std::vector<T>;
     const T eps_t = static_cast<T>(eps);
     const int64_t b_n = x.size(0), d = x.size(1);
@@ -134,8 +139,8 @@ struct LayerStep {
 
     const T* pp = proj.data_ptr<T>();
     const T* tp = taps.data_ptr<T>();
-    const T* cp = cos.data_ptr<T>();
-    const T* sp = sin.data_ptr<T>();
+    const T* cp = cos.data_ptr<T>() + rope_row * head_dim;
+    const T* sp = sin.data_ptr<T>() + rope_row * head_dim;
     T* hist = history.data_ptr<T>();
     T* kp = keys.data_ptr<T>();
     T* vp = values.data_ptr<T>();
@@ -317,9 +322,26 @@ struct LayerStep {
   }
 };
 
+// Next-token logits: RMS-scaled x (its weight folded into head_t) times head_t (D, V).
+Tensor logits(const Tensor& x, const Tensor& head_t, double eps) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be a contiguous (B, D) tensor");
+  Tensor xn = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "logits", [&] {
+    const int64_t b_n = x.size(0), d = x.size(1);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* np = xn.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < b_n; ++b) {
+      const scalar_t r = inv_rms(xp + b * d, d, static_cast<scalar_t>(eps));
+      for (int64_t i = 0; i < d; ++i) np[b * d + i] = xp[b * d + i] * r;
+    }
+  });
+  return torch::mm(xn, head_t);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("logits", &logits);
   pybind11::class_<LayerStep>(m, "LayerStep")
       .def(pybind11::init<>())
       .def_readwrite("proj_t", &LayerStep::proj_t)

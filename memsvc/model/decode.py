@@ -200,8 +200,6 @@ class _LayerDecoder:
 
     def step(self, x: Tensor, step: int, cos: Tensor, sin: Tensor, chunk_ends: list[int]) -> Tensor:
         """x (B, D) -> (B, D) for the token at decoder step `step`; cos, sin (dh,) its RoPE."""
-        if self.fast is not None:
-            return self._step_fast(x, step, cos, sin, chunk_ends)
         cfg = self.cfg
         b, d, h, dh = self.batch, cfg.d_model, cfg.n_heads, cfg.head_dim
         eps = self.eps
@@ -242,12 +240,13 @@ class _LayerDecoder:
         g, u = torch.mm(x * _inv_rms(x, eps), self.gate_up_t).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(g) * u, self.down_t)
 
-    def _step_fast(
-        self, x: Tensor, step: int, cos: Tensor, sin: Tensor, chunk_ends: list[int]
+    def step_fast(
+        self, x: Tensor, step: int, rope: tuple[Tensor, Tensor, int], chunk_ends: list[int]
     ) -> Tensor:
-        """`step` through the C++ kernel: the same arithmetic, two calls."""
+        """`step` through the C++ kernel: the same arithmetic, two calls. rope: the cos
+        and sin tables and this step's row in them."""
         c = self.memory.config.chunk_size if self.mem_step is not None else 1
-        o, y_mem = self.fast.attend(x, step, cos, sin, step % c)
+        o, y_mem = self.fast.attend(x, step, *rope, step % c)
         if y_mem is None:
             return self.fast.mix(x, o, o)  # no memory: its argument is not read
         if chunk_ends:
@@ -354,6 +353,7 @@ class Decoder:
             _LayerDecoder(block, [s.blocks[i] for s in states], positions, use_memory, start, cpp)
             for i, block in enumerate(model.blocks)
         ]
+        self.cpp = cpp if all(layer.fast is not None for layer in self.layers) else None
         self.chunk = c = cfg.memory.chunk_size if use_memory else 0
         # Per stream, relative to the decoder's step counter: position = positions + steps,
         # and the chunk's pending tokens are (pending + steps) % C.
@@ -379,14 +379,20 @@ class Decoder:
         No autograd context is entered (it costs tens of microseconds a token): every
         tensor the step touches was derived from the weights under no_grad."""
         s = self.steps
-        cos, sin = self._rope_at(s)
         ends = []
         if self.chunk:
             c = self.chunk
             ends = [i for i, p in enumerate(self.pending) if (p + s + 1) % c == 0]
         x = self.embed[tokens]  # (B, D)
+        if self.cpp is not None:  # every layer on the C++ step
+            rope = self._rope_table(s)
+            for layer in self.layers:
+                x = layer.step_fast(x, s, rope, ends)
+            self.steps = s + 1
+            return self.cpp.logits(x, self.head_t, self.config.norm_eps)
+        cos, sin, row = self._rope_table(s)
         for layer in self.layers:
-            x = layer.step(x, s, cos, sin, ends)
+            x = layer.step(x, s, cos[row], sin[row], ends)
         self.steps = s + 1
         return torch.mm(x * _inv_rms(x, self.eps), self.head_t)
 
@@ -420,8 +426,8 @@ class Decoder:
     def states(self) -> list[ModelState]:
         return [self.state(i) for i in range(self.batch)]
 
-    def _rope_at(self, step: int) -> tuple[Tensor, Tensor]:
-        """cos and sin (dh,) of step `step`, from a table grown 4096 steps at a time."""
+    def _rope_table(self, step: int) -> tuple[Tensor, Tensor, int]:
+        """cos and sin tables (4096, dh) holding step `step`, and its row in them."""
         if self._rope is None or not self._rope_base <= step < self._rope_base + 4096:
             base = step - step % 4096
             cfg, weight = self.config, self.embed
@@ -434,8 +440,7 @@ class Decoder:
             )
             self._rope_base = base
         cos, sin = self._rope
-        j = step - self._rope_base
-        return cos[j], sin[j]
+        return cos, sin, step - self._rope_base
 
 
 def _cpp_step(model: MAGModel) -> ModuleType | None:
