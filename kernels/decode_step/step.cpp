@@ -65,6 +65,12 @@ struct LayerStep {
   // (B, 3 Hm) or undefined, memory out-projection (dim, dim) or undefined.
   Tensor running, mkeys, mvalues, mgates, last_query, query_before, gate_scale;
   Tensor mit_mul, mit_add, mem_out_t;
+  // A chunk-rule memory (no per-token write; reads at the chunk-start weights): its MLP
+  // layers (B Hm, in, out), activation between them (0 GELU, 1 SiLU), and whether the
+  // input is added to the output (depth >= 2). Empty for the delta rule.
+  std::vector<Tensor> mlp;
+  int64_t mlp_activation = 0;
+  bool mlp_residual = false;
   int64_t heads, head_dim, mem_heads, mem_head_dim, mem_parts;
   bool lookahead, residual;
   double eps;
@@ -80,7 +86,7 @@ struct LayerStep {
     return buf;
   }
 
-  bool has_memory() const { return running.defined(); }
+  bool has_memory() const { return running.defined() || !mlp.empty(); }
 
   // Attention and the memory's read and delta write: returns (o, y_mem), o the
   // RMS-scaled attention output (B, D), y_mem (B, dim) (None without memory).
@@ -249,6 +255,11 @@ struct LayerStep {
         std::copy(vv.data() + h * dm, vv.data() + (h + 1) * dm,
                   mvalues.data_ptr<T>() + (bh * c_n + slot) * dm);
         std::copy(g, g + 3, mgates.data_ptr<T>() + (bh * c_n + slot) * 3);
+        T* yh = y_mem.data_ptr<T>() + b * dim + h * dm;
+        if (!mlp.empty()) {
+          mlp_read(qv.data() + h * dm, bh, yh);
+          continue;
+        }
         // Delta rule: r = theta (a k^T W - v), W = a W - k r^T, y = q^T W.
         const T theta = g[0], a = T(1) - g[2];
         T* w = running.data_ptr<T>() + bh * dm * dm;
@@ -259,7 +270,6 @@ struct LayerStep {
         for (int64_t i = 0; i < dm; ++i)
           for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w[i * dm + j];
         for (int64_t j = 0; j < dm; ++j) rv[j] = (rv[j] * a - vh[j]) * theta;
-        T* yh = y_mem.data_ptr<T>() + b * dim + h * dm;
         std::fill(yh, yh + dm, T(0));
         for (int64_t i = 0; i < dm; ++i) {
           T* wr = w + i * dm;
@@ -272,6 +282,25 @@ struct LayerStep {
     }
     if (memory && mem_out_t.defined()) y_mem = torch::mm(y_mem, mem_out_t);
     return {o, y_mem};
+  }
+
+  // y = M(q) for memory row bh: the MLP at its chunk-start weights.
+  template <typename T>
+  void mlp_read(const T* q, int64_t bh, T* y) {
+    std::vector<T> h(q, q + mem_head_dim), z;
+    for (size_t l = 0; l < mlp.size(); ++l) {
+      const int64_t in = mlp[l].size(1), out = mlp[l].size(2);
+      const T* w = mlp[l].data_ptr<T>() + bh * in * out;
+      z.assign(out, T(0));
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t j = 0; j < out; ++j) z[j] += h[i] * w[i * out + j];
+      if (l + 1 < mlp.size()) {
+        for (auto& v : z)
+          v = mlp_activation == 0 ? T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2))) : silu(v);
+      }
+      h.swap(z);
+    }
+    for (int64_t j = 0; j < mem_head_dim; ++j) y[j] = h[j] + (mlp_residual ? q[j] : T(0));
   }
 
   // The block's tail: memory gate, out-projection, residuals and SwiGLU. x (B, D).
@@ -366,6 +395,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("mit_mul", &LayerStep::mit_mul)
       .def_readwrite("mit_add", &LayerStep::mit_add)
       .def_readwrite("mem_out_t", &LayerStep::mem_out_t)
+      .def_readwrite("mlp", &LayerStep::mlp)
+      .def_readwrite("mlp_activation", &LayerStep::mlp_activation)
+      .def_readwrite("mlp_residual", &LayerStep::mlp_residual)
       .def_readwrite("heads", &LayerStep::heads)
       .def_readwrite("head_dim", &LayerStep::head_dim)
       .def_readwrite("mem_heads", &LayerStep::mem_heads)

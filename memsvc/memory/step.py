@@ -32,6 +32,9 @@ from kernels.delta_rule.chunk import delta_chunk
 from memsvc.memory.neural_memory import NeuralMemory
 from memsvc.memory.state import MemoryState
 
+# The MLP activations the C++ decode step knows, by its index there.
+FAST_ACTIVATIONS = ("gelu", "silu")
+
 _COUNTERS = ("chunks", "writes_applied", "writes_skipped", "surprise_ema", "write_rate")
 
 
@@ -125,10 +128,11 @@ class MemoryStep:
     def bind_fast(self, fast) -> None:
         """Hand the C++ decode step (kernels/decode_step) this memory's buffers; it reads
         and writes them in place, so `write_chunk` and `export` see its tokens."""
-        assert self.delta, "the C++ step runs the delta rule only"
         self.last_query = self.last_query.contiguous()
         self.query_before = torch.empty_like(self.last_query)
-        fast.running, fast.mkeys, fast.mvalues = self.running, self.keys, self.values
+        if self.delta:
+            fast.running = self.running
+        fast.mkeys, fast.mvalues = self.keys, self.values
         fast.mgates, fast.gate_scale = self.gates, self.gate_scale
         fast.last_query, fast.query_before = self.last_query, self.query_before
         if self.mitigation is not None:
@@ -136,6 +140,10 @@ class MemoryStep:
         if self.out_t is not None:
             fast.mem_out_t = self.out_t
         cfg = self.memory.config
+        if not self.delta:  # the chunk rule reads at its chunk-start weights
+            arch = self.memory.arch
+            fast.mlp, fast.mlp_residual = list(self.weights), arch.residual
+            fast.mlp_activation = FAST_ACTIVATIONS.index(cfg.activation)
         fast.mem_heads, fast.mem_head_dim = cfg.heads, cfg.head_dim
         fast.mem_parts, fast.lookahead = self.memory.channels // cfg.dim, cfg.lookahead
 

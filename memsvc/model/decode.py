@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kernels import decode_step
 from memsvc.memory import MemoryState
-from memsvc.memory.step import MemoryStep
+from memsvc.memory.step import FAST_ACTIVATIONS, MemoryStep
 from memsvc.model.attention import AttentionCache, rope_angles
 from memsvc.model.mag import BlockState, MAGBlock
 from memsvc.model.model import MAGModel, ModelState
@@ -160,7 +160,8 @@ class _LayerDecoder:
         self.gate_up_t = (blk.ffn.gate_up.weight * blk.ffn_norm.weight).t().contiguous()
         self.down_t = blk.ffn.down.weight.t().contiguous()
         self.norm_w = blk.norm.weight
-        self.cpp = cpp if self.mem_step is None or self.mem_step.delta else None
+        fast_memory = self.memory is None or mem_cfg.activation in FAST_ACTIVATIONS
+        self.cpp = cpp if fast_memory else None
         self._bind()
 
     def _bind(self) -> None:
