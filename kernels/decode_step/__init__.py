@@ -75,6 +75,7 @@ def _compile() -> ModuleType:
 def _build() -> None:
     """Compile in a child process of its own session, so a parent that exits (or is
     killed) mid-build leaves no half-built extension or held lock behind, then import."""
+    started = time.perf_counter()
     try:
         done = subprocess.run(
             [sys.executable, "-c", "import kernels.decode_step as d; d._compile()"],
@@ -87,6 +88,8 @@ def _build() -> None:
         if done.returncode != 0:
             raise RuntimeError(f"the build failed: {done.stderr.strip()[-400:]}")
         _state["module"] = _compile()
+        seconds = round(time.perf_counter() - started, 1)
+        structlog.get_logger().info("decode_cpp_ready", seconds=seconds)
     except Exception as error:  # no compiler or headers: the eager step stays
         _state["error"] = f"{type(error).__name__}: {error}"[:500]
         structlog.get_logger().warning("decode_cpp_unavailable", error=_state["error"])
