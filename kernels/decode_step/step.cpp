@@ -4,6 +4,7 @@
 // plain loops over the rows, so a token costs a handful of dispatches instead of
 // about 75 per layer. naive reference: `_LayerDecoder.step` in Python; the tests
 // hold the two equal (tests/kernels/test_decode_step.py).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -155,131 +156,135 @@ struct LayerStep {
     T* op = o.data_ptr<T>();
     const int64_t i_slot = step % span, j_slot = step % ring;
 
-    V conv(cc), query(2 * dh), scores(n_keys), y_attn(d);
-    V mem(memory ? mem_parts * dim : 0), qv(dim), kv(dim), vv(dim), rv(dm);
-    for (int64_t b = 0; b < b_n; ++b) {
-      const T* row = pp + b * out_n;
-      // Pre-convolution projections into the doubled ring, then the depthwise conv.
-      T* hb = hist + b * 2 * span * cc;
-      std::copy(row, row + cc, hb + i_slot * cc);
-      std::copy(row, row + cc, hb + (i_slot + span) * cc);
-      std::fill(conv.begin(), conv.end(), T(0));
-      for (int64_t l = 0; l < span; ++l) {
-        const T* hrow = hb + (i_slot + 1 + l) * cc;
-        const T* trow = tp + l * cc;
-        for (int64_t c = 0; c < cc; ++c) conv[c] += hrow[c] * trow[c];
-      }
-      const T* q = conv.data();
-      const T* k = q + d;
-      const T* q_partner = q + 2 * d;
-      const T* k_partner = q + 3 * d;
-      const T* v = row + cc;
-      for (int64_t h = 0; h < h_n; ++h) {
-        const int64_t bh = b * h_n + h;
-        T* key_slot = kp + (bh * n_keys + p + j_slot) * 2 * dh;
-        T* raw_slot = rp + (bh * ring + j_slot) * dh;
-        for (int64_t e = 0; e < dh; ++e) {
-          const int64_t c = h * dh + e;
-          key_slot[e] = k[c] * cp[e] + k_partner[c] * sp[e];
-          raw_slot[e] = k[c];
-          query[e] = q[c] * cp[e] + q_partner[c] * sp[e];
-          query[dh + e] = q[c];
+    // Streams are independent (disjoint rows of every buffer): split across torch's
+    // intra-op threads, a few streams per task.
+    at::parallel_for(0, b_n, 4, [&](int64_t first, int64_t last) {
+      V conv(cc), query(2 * dh), scores(n_keys), y_attn(d);
+      V mem(memory ? mem_parts * dim : 0), qv(dim), kv(dim), vv(dim), rv(dm);
+      for (int64_t b = first; b < last; ++b) {
+        const T* row = pp + b * out_n;
+        // Pre-convolution projections into the doubled ring, then the depthwise conv.
+        T* hb = hist + b * 2 * span * cc;
+        std::copy(row, row + cc, hb + i_slot * cc);
+        std::copy(row, row + cc, hb + (i_slot + span) * cc);
+        std::fill(conv.begin(), conv.end(), T(0));
+        for (int64_t l = 0; l < span; ++l) {
+          const T* hrow = hb + (i_slot + 1 + l) * cc;
+          const T* trow = tp + l * cc;
+          for (int64_t c = 0; c < cc; ++c) conv[c] += hrow[c] * trow[c];
         }
-        std::copy(v + h * dh, v + (h + 1) * dh, vp + (bh * n_keys + p + j_slot) * dh);
-        T* mask_row = mp + bh * n_keys;
-        mask_row[p + j_slot] = T(0);
-        // Scores over persistent + ring slots, softmax, weighted values.
-        T top = -std::numeric_limits<T>::infinity();
-        const T* key_rows = kp + bh * n_keys * 2 * dh;
-        // A persistent key is [0, p_k] and a ring key [k_rot, 0]: each dot product
-        // skips its zero half (exact).
-        for (int64_t n = 0; n < n_keys; ++n) {
-          const int64_t half = n < p ? dh : 0;
-          const T* kr = key_rows + n * 2 * dh + half;
-          const T* qr = query.data() + half;
-          const T s = dot(qr, kr, dh) + mask_row[n];
-          scores[n] = s;
-          top = std::max(top, s);
+        const T* q = conv.data();
+        const T* k = q + d;
+        const T* q_partner = q + 2 * d;
+        const T* k_partner = q + 3 * d;
+        const T* v = row + cc;
+        for (int64_t h = 0; h < h_n; ++h) {
+          const int64_t bh = b * h_n + h;
+          T* key_slot = kp + (bh * n_keys + p + j_slot) * 2 * dh;
+          T* raw_slot = rp + (bh * ring + j_slot) * dh;
+          for (int64_t e = 0; e < dh; ++e) {
+            const int64_t c = h * dh + e;
+            key_slot[e] = k[c] * cp[e] + k_partner[c] * sp[e];
+            raw_slot[e] = k[c];
+            query[e] = q[c] * cp[e] + q_partner[c] * sp[e];
+            query[dh + e] = q[c];
+          }
+          std::copy(v + h * dh, v + (h + 1) * dh, vp + (bh * n_keys + p + j_slot) * dh);
+          T* mask_row = mp + bh * n_keys;
+          mask_row[p + j_slot] = T(0);
+          // Scores over persistent + ring slots, softmax, weighted values.
+          T top = -std::numeric_limits<T>::infinity();
+          const T* key_rows = kp + bh * n_keys * 2 * dh;
+          // A persistent key is [0, p_k] and a ring key [k_rot, 0]: each dot product
+          // skips its zero half (exact).
+          for (int64_t n = 0; n < n_keys; ++n) {
+            const int64_t half = n < p ? dh : 0;
+            const T* kr = key_rows + n * 2 * dh + half;
+            const T* qr = query.data() + half;
+            const T s = dot(qr, kr, dh) + mask_row[n];
+            scores[n] = s;
+            top = std::max(top, s);
+          }
+          T total = 0;
+          for (int64_t n = 0; n < n_keys; ++n) {
+            scores[n] = std::exp(scores[n] - top);
+            total += scores[n];
+          }
+          T* ya = y_attn.data() + h * dh;
+          std::fill(ya, ya + dh, T(0));
+          const T* value_rows = vp + bh * n_keys * dh;
+          for (int64_t n = 0; n < n_keys; ++n) {
+            const T w = scores[n] / total;
+            if (w == T(0)) continue;
+            const T* vr = value_rows + n * dh;
+            for (int64_t e = 0; e < dh; ++e) ya[e] += w * vr[e];
+          }
         }
-        T total = 0;
-        for (int64_t n = 0; n < n_keys; ++n) {
-          scores[n] = std::exp(scores[n] - top);
-          total += scores[n];
-        }
-        T* ya = y_attn.data() + h * dh;
-        std::fill(ya, ya + dh, T(0));
-        const T* value_rows = vp + bh * n_keys * dh;
-        for (int64_t n = 0; n < n_keys; ++n) {
-          const T w = scores[n] / total;
-          if (w == T(0)) continue;
-          const T* vr = value_rows + n * dh;
-          for (int64_t e = 0; e < dh; ++e) ya[e] += w * vr[e];
-        }
-      }
-      const T r = inv_rms(y_attn.data(), d, eps_t);
-      for (int64_t i = 0; i < d; ++i) op[b * d + i] = y_attn[i] * r;
+        const T r = inv_rms(y_attn.data(), d, eps_t);
+        for (int64_t i = 0; i < d; ++i) op[b * d + i] = y_attn[i] * r;
 
-      if (!memory) continue;
-      // The memory: SiLU'd convolved projections, per-head unit q (and k), gates.
-      const T* mem_in = conv.data() + 4 * d;
-      for (int64_t c = 0; c < mem_parts * dim; ++c) mem[c] = silu(mem_in[c]);
-      std::copy(mem.data(), mem.data() + dim, qv.data());
-      std::copy(mem.data() + (mem_parts - 1) * dim, mem.data() + mem_parts * dim, vv.data());
-      T* lq = last_query.data_ptr<T>() + b * dim;
-      T* qb = query_before.data_ptr<T>() + b * dim;
-      std::copy(lq, lq + dim, qb);
-      for (int64_t h = 0; h < hm; ++h) normalize(qv.data() + h * dm, dm);
-      if (lookahead) {
-        std::copy(lq, lq + dim, kv.data());
-        std::copy(qv.begin(), qv.end(), lq);
-      } else {
-        std::copy(mem.data() + dim, mem.data() + 2 * dim, kv.data());
-        for (int64_t h = 0; h < hm; ++h) normalize(kv.data() + h * dm, dm);
-      }
-      const T* logits = row + cc + d;
-      const T* scale = gate_scale.data_ptr<T>();
-      T g[3];
-      const int64_t c_n = mkeys.size(2);
-      for (int64_t h = 0; h < hm; ++h) {
-        for (int64_t t = 0; t < 3; ++t) {
-          const int64_t gi = t * hm + h;
-          g[t] = sigmoid(logits[gi]) * scale[gi];
-          if (mit_mul.defined()) {
-            g[t] = mit_add.data_ptr<T>()[b * 3 * hm + gi] +
-                   g[t] * mit_mul.data_ptr<T>()[b * 3 * hm + gi];
+        if (!memory) continue;
+        // The memory: SiLU'd convolved projections, per-head unit q (and k), gates.
+        const T* mem_in = conv.data() + 4 * d;
+        for (int64_t c = 0; c < mem_parts * dim; ++c) mem[c] = silu(mem_in[c]);
+        std::copy(mem.data(), mem.data() + dim, qv.data());
+        std::copy(mem.data() + (mem_parts - 1) * dim, mem.data() + mem_parts * dim, vv.data());
+        T* lq = last_query.data_ptr<T>() + b * dim;
+        T* qb = query_before.data_ptr<T>() + b * dim;
+        std::copy(lq, lq + dim, qb);
+        for (int64_t h = 0; h < hm; ++h) normalize(qv.data() + h * dm, dm);
+        if (lookahead) {
+          std::copy(lq, lq + dim, kv.data());
+          std::copy(qv.begin(), qv.end(), lq);
+        } else {
+          std::copy(mem.data() + dim, mem.data() + 2 * dim, kv.data());
+          for (int64_t h = 0; h < hm; ++h) normalize(kv.data() + h * dm, dm);
+        }
+        const T* logits = row + cc + d;
+        const T* scale = gate_scale.data_ptr<T>();
+        T g[3];
+        const int64_t c_n = mkeys.size(2);
+        for (int64_t h = 0; h < hm; ++h) {
+          for (int64_t t = 0; t < 3; ++t) {
+            const int64_t gi = t * hm + h;
+            g[t] = sigmoid(logits[gi]) * scale[gi];
+            if (mit_mul.defined()) {
+              g[t] = mit_add.data_ptr<T>()[b * 3 * hm + gi] +
+                     g[t] * mit_mul.data_ptr<T>()[b * 3 * hm + gi];
+            }
+          }
+          const int64_t bh = b * hm + h;
+          std::copy(kv.data() + h * dm, kv.data() + (h + 1) * dm,
+                    mkeys.data_ptr<T>() + (bh * c_n + slot) * dm);
+          std::copy(vv.data() + h * dm, vv.data() + (h + 1) * dm,
+                    mvalues.data_ptr<T>() + (bh * c_n + slot) * dm);
+          std::copy(g, g + 3, mgates.data_ptr<T>() + (bh * c_n + slot) * 3);
+          T* yh = y_mem.data_ptr<T>() + b * dim + h * dm;
+          if (!mlp.empty()) {
+            mlp_read(qv.data() + h * dm, bh, yh);
+            continue;
+          }
+          // Delta rule: r = theta (a k^T W - v), W = a W - k r^T, y = q^T W.
+          const T theta = g[0], a = T(1) - g[2];
+          T* w = running.data_ptr<T>() + bh * dm * dm;
+          const T* kh = kv.data() + h * dm;
+          const T* vh = vv.data() + h * dm;
+          const T* qh = qv.data() + h * dm;
+          std::fill(rv.begin(), rv.end(), T(0));
+          for (int64_t i = 0; i < dm; ++i)
+            for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w[i * dm + j];
+          for (int64_t j = 0; j < dm; ++j) rv[j] = (rv[j] * a - vh[j]) * theta;
+          std::fill(yh, yh + dm, T(0));
+          for (int64_t i = 0; i < dm; ++i) {
+            T* wr = w + i * dm;
+            for (int64_t j = 0; j < dm; ++j) {
+              wr[j] = wr[j] * a - kh[i] * rv[j];
+              yh[j] += qh[i] * wr[j];
+            }
           }
         }
-        const int64_t bh = b * hm + h;
-        std::copy(kv.data() + h * dm, kv.data() + (h + 1) * dm,
-                  mkeys.data_ptr<T>() + (bh * c_n + slot) * dm);
-        std::copy(vv.data() + h * dm, vv.data() + (h + 1) * dm,
-                  mvalues.data_ptr<T>() + (bh * c_n + slot) * dm);
-        std::copy(g, g + 3, mgates.data_ptr<T>() + (bh * c_n + slot) * 3);
-        T* yh = y_mem.data_ptr<T>() + b * dim + h * dm;
-        if (!mlp.empty()) {
-          mlp_read(qv.data() + h * dm, bh, yh);
-          continue;
-        }
-        // Delta rule: r = theta (a k^T W - v), W = a W - k r^T, y = q^T W.
-        const T theta = g[0], a = T(1) - g[2];
-        T* w = running.data_ptr<T>() + bh * dm * dm;
-        const T* kh = kv.data() + h * dm;
-        const T* vh = vv.data() + h * dm;
-        const T* qh = qv.data() + h * dm;
-        std::fill(rv.begin(), rv.end(), T(0));
-        for (int64_t i = 0; i < dm; ++i)
-          for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w[i * dm + j];
-        for (int64_t j = 0; j < dm; ++j) rv[j] = (rv[j] * a - vh[j]) * theta;
-        std::fill(yh, yh + dm, T(0));
-        for (int64_t i = 0; i < dm; ++i) {
-          T* wr = w + i * dm;
-          for (int64_t j = 0; j < dm; ++j) {
-            wr[j] = wr[j] * a - kh[i] * rv[j];
-            yh[j] += qh[i] * wr[j];
-          }
-        }
       }
-    }
+    });
     if (memory && mem_out_t.defined()) y_mem = torch::mm(y_mem, mem_out_t);
     return {o, y_mem};
   }
