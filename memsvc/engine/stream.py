@@ -212,7 +212,7 @@ class StreamingEngine:
     @torch.no_grad()
     def _forward(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """tokens (B, T) -> next-token logits (B, V) after the last of them, and the state."""
-        logits, state = self.model(tokens, state, use_memory=self.use_memory)
+        logits, state = self.model(tokens, state, use_memory=self.use_memory, last_only=True)
         return logits[:, -1], state
 
     def _plan_round(self, pending: list[int], remaining: list[int]) -> list[tuple[int, list[int]]]:

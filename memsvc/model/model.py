@@ -126,12 +126,18 @@ class MAGModel(nn.Module):
         )
 
     def forward(
-        self, tokens: Tensor, state: ModelState | None = None, use_memory: bool = True
+        self,
+        tokens: Tensor,
+        state: ModelState | None = None,
+        use_memory: bool = True,
+        last_only: bool = False,
     ) -> tuple[Tensor, ModelState]:
         """tokens: (B, T) int64 -> logits (B, T, vocab) and the state after them.
 
         state=None starts fresh streams. use_memory=False zeroes the memory branch
-        for this call and leaves the memory states untouched (ablation)."""
+        for this call and leaves the memory states untouched (ablation). last_only:
+        logits (B, 1, vocab) of the last token only, and the same state; the last block's
+        tail and the LM head then run on one row (an append needs no more)."""
         b, t = tokens.shape
         if state is None:
             state = self.init_state(b, tokens.device)
@@ -139,8 +145,11 @@ class MAGModel(nn.Module):
             raise ValueError(f"state holds {state.batch} streams, tokens have {b}")
         x = self.embed(tokens)  # (B, T, D)
         blocks = []
-        for block, block_state in zip(self.blocks, state.blocks, strict=True):
-            x, block_state = block(x, block_state, state.position, use_memory)
+        last = len(self.blocks) - 1
+        for i, (block, block_state) in enumerate(zip(self.blocks, state.blocks, strict=True)):
+            x, block_state = block(
+                x, block_state, state.position, use_memory, last_only and i == last
+            )
             blocks.append(block_state)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         return logits, ModelState(position=state.position + t, blocks=tuple(blocks))

@@ -46,6 +46,21 @@ def test_any_split_gives_the_same_logits_and_state(overrides: dict) -> None:
     assert whole_state.position.tolist() == [45, 45]
 
 
+@pytest.mark.parametrize("overrides", MEMORIES)
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_last_only_gives_the_last_logits_and_the_same_state(
+    overrides: dict, use_memory: bool
+) -> None:
+    model = small_model(1, **overrides)
+    tokens = torch.randint(0, 260, (3, 21), generator=torch.Generator().manual_seed(1))
+    _, state = model(tokens[:, :6])
+    whole, whole_state = model(tokens[:, 6:], state, use_memory=use_memory)
+    last, last_state = model(tokens[:, 6:], state, use_memory=use_memory, last_only=True)
+    assert last.shape == (3, 1, 260)
+    torch.testing.assert_close(last, whole[:, -1:], **TOL)
+    assert_states_equal(last_state, whole_state, **TOL)
+
+
 def test_state_dict_round_trip_and_batching() -> None:
     model = small_model(1)
     g = torch.Generator().manual_seed(1)
