@@ -168,10 +168,12 @@ class SlidingWindowAttention(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, cache: AttentionCache, position: Tensor
+        self, x: Tensor, cache: AttentionCache, position: Tensor, last_only: bool = False
     ) -> tuple[Tensor, AttentionCache]:
         """x: (B, T, D) new tokens; position: (B,) tokens each stream has seen before them.
-        Returns y: (B, T, D) (heads concatenated) and the cache after the new tokens."""
+        Returns y: (B, T, D) (heads concatenated) and the cache after the new tokens;
+        last_only: y (B, 1, D) of the last token alone (its query against the W keys
+        before it and its own), the same cache."""
         cfg = self.config
         b, t, d = x.shape
         h, dh = cfg.n_heads, cfg.head_dim
@@ -185,23 +187,29 @@ class SlidingWindowAttention(nn.Module):
 
         keys = torch.cat([cache.keys, heads(k)], dim=2)  # (B, H, W + T, dh)
         values = torch.cat([cache.values, heads(v)], dim=2)
+        queries, seen, w = heads(q), position, cfg.window
+        if last_only:  # the last query, the W keys before it and its own
+            queries, seen = queries[:, :, -1:], position + (t - 1)
+            keys_in, values_in = keys[:, :, -(w + 1) :], values[:, :, -(w + 1) :]
+        else:
+            keys_in, values_in = keys, values
         y = windowed_attention(
-            heads(q),
-            keys,
-            values,
+            queries,
+            keys_in,
+            values_in,
             self.persistent_keys,
             self.persistent_values,
-            position.clamp(max=cfg.window),
+            seen.clamp(max=w),
             self.rope_cos,
             self.rope_sin,
-        )  # (B, H, T, dh)
+        )  # (B, H, T, dh), T = 1 if last_only
         new_cache = AttentionCache(
             keys=keys[:, :, t:].contiguous(),
             values=values[:, :, t:].contiguous(),
             query_tail=query_tail,
             key_tail=key_tail,
         )
-        return y.transpose(1, 2).reshape(b, t, d), new_cache
+        return y.transpose(1, 2).reshape(b, y.shape[2], d), new_cache
 
     def _convolve(
         self, q: Tensor, k: Tensor, cache: AttentionCache

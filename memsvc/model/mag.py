@@ -100,15 +100,16 @@ class MAGBlock(nn.Module):
     ) -> tuple[Tensor, BlockState]:
         """x: (B, T, D); position: (B,) tokens seen before x. Returns (B, T, D) and the state;
         last_only: (B, 1, D), the output at the last token only (the state is the same: it
-        depends on the block's input, and the gate, out-projection and FFN run on one row)."""
+        depends on the block's input; the attention's output, the gate, out-projection and
+        FFN run for one row)."""
         h = self.norm(x)
-        y_attn, attention = self.attention(h, state.attention, position)  # (B, T, D)
+        y_attn, attention = self.attention(h, state.attention, position, last_only)
         if self.memory is not None and use_memory:
             y_mem, memory = self.memory(h, state.memory)  # (B, T, D)
         else:
             y_mem, memory = torch.zeros_like(h), state.memory
-        if last_only:
-            x, y_attn, y_mem = x[:, -1:], y_attn[:, -1:], y_mem[:, -1:]
+        if last_only:  # the attention gave the last token's output alone
+            x, y_mem = x[:, -1:], y_mem[:, -1:]
         o = self.attn_norm(y_attn) * torch.sigmoid(self.mem_norm(y_mem))
         x = x + self.out_proj(o)
         if self.config.memory_residual:

@@ -59,6 +59,11 @@ def test_last_only_gives_the_last_logits_and_the_same_state(
     assert last.shape == (3, 1, 260)
     torch.testing.assert_close(last, whole[:, -1:], **TOL)
     assert_states_equal(last_state, whole_state, **TOL)
+    for length in (1, 3):  # a fresh stream, shorter than the window: cache slots not real
+        whole, whole_state = model(tokens[:, :length], None, use_memory=use_memory)
+        last, last_state = model(tokens[:, :length], None, use_memory, last_only=True)
+        torch.testing.assert_close(last, whole[:, -1:], **TOL)
+        assert_states_equal(last_state, whole_state, **TOL)
 
 
 def test_state_dict_round_trip_and_batching() -> None:
