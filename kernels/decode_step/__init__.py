@@ -43,7 +43,8 @@ def build_directory() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     tag = torch.__version__.replace("+", "_")
-    return Path(get_default_build_root()) / f"memsvc_decode_step_{tag}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"memsvc_decode_step_{tag}"
 
 
 def _compile() -> ModuleType:

@@ -66,6 +66,10 @@ struct LayerStep {
   // (B, 3 Hm) or undefined, memory out-projection (dim, dim) or undefined.
   Tensor running, mkeys, mvalues, mgates, last_query, query_before, gate_scale;
   Tensor mit_mul, mit_add, mem_out_t;
+  // Delta rule, optional: the chunk-start weights w0 (B Hm, dm, dm) and the running sum
+  // of the chunk's gradients at them, sum_i k_i (k_i^T W0 - v_i)^T (B Hm, dm, dm): the
+  // chunk's surprise at its end is ||sum||^2 / C^2 (kernels/delta_rule/chunk.py).
+  Tensor w0, grad_sum;
   // A chunk-rule memory (no per-token write; reads at the chunk-start weights): its MLP
   // layers (B Hm, in, out), activation between them (0 GELU, 1 SiLU), and whether the
   // input is added to the output (depth >= 2). Empty for the delta rule.
@@ -270,6 +274,16 @@ struct LayerStep {
           const T* kh = kv.data() + h * dm;
           const T* vh = vv.data() + h * dm;
           const T* qh = qv.data() + h * dm;
+          if (grad_sum.defined()) {
+            const T* w0h = w0.data_ptr<T>() + bh * dm * dm;
+            T* gs = grad_sum.data_ptr<T>() + bh * dm * dm;
+            std::fill(rv.begin(), rv.end(), T(0));
+            for (int64_t i = 0; i < dm; ++i)
+              for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w0h[i * dm + j];
+            for (int64_t j = 0; j < dm; ++j) rv[j] -= vh[j];
+            for (int64_t i = 0; i < dm; ++i)
+              for (int64_t j = 0; j < dm; ++j) gs[i * dm + j] += kh[i] * rv[j];
+          }
           std::fill(rv.begin(), rv.end(), T(0));
           for (int64_t i = 0; i < dm; ++i)
             for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w[i * dm + j];
@@ -400,6 +414,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("mit_mul", &LayerStep::mit_mul)
       .def_readwrite("mit_add", &LayerStep::mit_add)
       .def_readwrite("mem_out_t", &LayerStep::mem_out_t)
+      .def_readwrite("w0", &LayerStep::w0)
+      .def_readwrite("grad_sum", &LayerStep::grad_sum)
       .def_readwrite("mlp", &LayerStep::mlp)
       .def_readwrite("mlp_activation", &LayerStep::mlp_activation)
       .def_readwrite("mlp_residual", &LayerStep::mlp_residual)

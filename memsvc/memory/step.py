@@ -95,17 +95,18 @@ class MemoryStep:
         self._bind()
 
         self.delta = cfg.update_rule == "delta"
+        self.fast_writes = False  # set by bind_fast: chunk ends without the chunk path
         if self.delta:  # the running weights after each pending token, from W_0
             self.running = self.weights[0].clone()
+            # and the chunk's gradient sum at W_0, sum_i k_i (k_i^T W_0 - v_i)^T, which
+            # the C++ step carries on (its surprise at the chunk's end)
+            self.grad_sum = torch.zeros_like(self.running)
             for i, s in enumerate(states):
                 if s.pending:
                     rows = slice(i * h, (i + 1) * h)
-                    self.running[rows] = _delta_prefix(
-                        self.weights[0][rows],
-                        s.pending_k[0],
-                        s.pending_v[0],
-                        s.pending_gates[0],
-                    )
+                    w0, k, v = self.weights[0][rows], s.pending_k[0], s.pending_v[0]
+                    self.running[rows] = _delta_prefix(w0, k, v, s.pending_gates[0])
+                    self.grad_sum[rows] = torch.bmm(k.transpose(1, 2), torch.bmm(k, w0) - v)
 
     def _mitigation(self) -> tuple[Tensor, Tensor] | None:
         """(mul, add) (B, 3H) applied to the squashed gates, or None: no stream mitigated."""
@@ -131,7 +132,8 @@ class MemoryStep:
         self.last_query = self.last_query.contiguous()
         self.query_before = torch.empty_like(self.last_query)
         if self.delta:
-            fast.running = self.running
+            fast.running, fast.w0, fast.grad_sum = self.running, self.weights[0], self.grad_sum
+            self.fast_writes = self.memory.gate.open
         fast.mkeys, fast.mvalues = self.keys, self.values
         fast.mgates, fast.gate_scale = self.gates, self.gate_scale
         fast.last_query, fast.query_before = self.last_query, self.query_before
@@ -182,6 +184,36 @@ class MemoryStep:
         y = y.view(b, dim)
         return y if self.out_t is None else torch.mm(y, self.out_t)
 
+    def write_open(self, streams: list[int]) -> bool:
+        """Complete the chunk of `streams` without the chunk path, where it is exact: the
+        delta rule through an open gate, on the C++ step. The running weights are the
+        chunk's end weights (the per-token form of the same recurrence), every chunk is
+        written, and the surprise is ||grad_sum||^2 / C^2 as delta_chunk gives it; so
+        only the counters move. False (nothing changed) where it does not apply or a
+        weight is not finite (the chunk path then raises NonFiniteStateError)."""
+        if not self.fast_writes:
+            return False
+        cfg = self.memory.config
+        h, c = cfg.heads, cfg.chunk_size
+        idx = torch.tensor(streams, device=self.tokens.device)
+        rows = (idx[:, None] * h + torch.arange(h, device=idx.device)).flatten()
+        running = self.running[rows]
+        if not bool(torch.isfinite(running.sum())):
+            return False
+        surprise_sq = self.grad_sum[rows].square().sum((1, 2)) / (c * c)
+        surprise = surprise_sq.view(-1, h).sum(-1).sqrt()  # (S,)
+        counters = self.counters
+        decision = self.memory.gate.decide(
+            surprise, counters["surprise_ema"][idx], counters["write_rate"][idx]
+        )
+        counters["chunks"][idx] += 1
+        counters["writes_applied"][idx] += 1
+        counters["surprise_ema"][idx] = decision.surprise_ema
+        counters["write_rate"][idx] = decision.write_rate
+        self.weights[0][rows] = running
+        self.grad_sum[rows] = 0
+        return True
+
     def write_chunk(self, streams: list[int], x: Tensor, conv_tail: Tensor, slot: int) -> Tensor:
         """Complete the chunk of `streams` (all at their chunk's last token, this step's
         `slot`) through `NeuralMemory.forward`. x: (S, dim) the memory's input for this
@@ -213,6 +245,7 @@ class MemoryStep:
             m[rows] = nm.reshape(-1, *m.shape[1:])
         if self.delta:
             self.running[rows] = self.weights[0][rows]
+            self.grad_sum[rows] = 0
         for name, value in self.counters.items():
             value[idx] = getattr(new, name)
         return y[:, 0]
@@ -226,7 +259,7 @@ class MemoryStep:
         self.weights = [w[rows] for w in self.weights]
         self.momentum = [m[rows] for m in self.momentum]
         if self.delta:
-            self.running = self.running[rows]
+            self.running, self.grad_sum = self.running[rows], self.grad_sum[rows]
         self.counters = {k: v[idx] for k, v in self.counters.items()}
         for name in ("tokens", "step_scale", "forget_boost", "last_query"):
             setattr(self, name, getattr(self, name)[idx])
@@ -245,6 +278,7 @@ class MemoryStep:
         ]
         if self.delta:
             self.running = torch.cat([self.running, other.running])
+            self.grad_sum = torch.cat([self.grad_sum, other.grad_sum])
         self.counters = {k: torch.cat([v, other.counters[k]]) for k, v in self.counters.items()}
         for name in (
             "tokens",

@@ -258,6 +258,8 @@ class _LayerDecoder:
         """The memory's write for the streams whose chunk ends at this step: their y_mem
         rows replaced by the chunk path's (MemoryStep.write_chunk)."""
         assert self.mem_step is not None
+        if self.mem_step.write_open(chunk_ends):  # y_mem's rows stand as they are
+            return
         cfg, d = self.cfg, self.cfg.d_model
         idx = torch.tensor(chunk_ends, device=x.device)
         cs = self.memory.config.conv_size

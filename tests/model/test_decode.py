@@ -37,6 +37,10 @@ def test_the_cpp_step_runs_the_delta_memory_and_no_memory(step_path: str) -> Non
     assert (Decoder(small_model(0), [state]).layers[0].fast is not None) == cpp
     assert (Decoder(small_model(0), [state], use_memory=False).layers[1].fast is not None) == cpp
     assert Decoder(small_model(0), [state], fast=False).layers[0].fast is None
+    # Chunk ends without the chunk path: the delta rule through an open gate, on C++.
+    assert Decoder(small_model(0), [state]).layers[0].mem_step.fast_writes == cpp
+    gated = gated_model()
+    assert not Decoder(gated, [gated.init_state(1)]).layers[0].mem_step.fast_writes
     deep = deep_model()  # the MLP memory: its read in C++ too
     assert (Decoder(deep, [deep.init_state(1)]).layers[0].fast is not None) == cpp
 
