@@ -13,7 +13,12 @@ and its key, value and gates go into a ring of C slots. The token that completes
 a stream's chunk runs through `NeuralMemory.forward` itself, on a `MemoryState`
 rebuilt from the ring: the write, the write gate, the counters and the
 non-finite check are the chunk path's own, so the state at every boundary is
-what appending would give (to float tolerance).
+what appending would give (to float tolerance). One exception, on the C++ step
+(`bind_fast`) for the delta rule through an open gate (`write_open`): there the
+running weights already are the chunk's end weights and every chunk is written, so
+the boundary only moves the counters, with the surprise from the chunk's gradient
+sum that the C++ step carries (||sum_i k_i (k_i^T W_0 - v_i)^T||^2 / C^2, the
+chunk path's own formula); a weight that is not finite still goes the chunk path.
 
 The ring is indexed by the decoder's step s (slot s % C), the same slot for
 every stream; a stream's partial chunk occupies the slots before the current one.
