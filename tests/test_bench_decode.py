@@ -32,8 +32,10 @@ def test_bench_decode_reports_every_line_and_the_ratios(tmp_path, capsys) -> Non
         "reference generate (1 session)",
         "decode, 1 session",
         "decode, 3 sessions",
+        "decode eager, 1 session",
         "bulk append",
     ]
+    assert report["cpp_step"] == "built"  # the decode lines ran the C++ step
     rates = {r["name"]: r for r in report["rates"]}
     assert rates["decode, 3 sessions"]["items"] == 18  # every generation ran its full length
     assert all(r["per_s"] > 0 for r in report["rates"])
@@ -41,6 +43,7 @@ def test_bench_decode_reports_every_line_and_the_ratios(tmp_path, capsys) -> Non
     ratios = report["ratios"]
     assert ratios["decode1_vs_reference"] == one / rates["reference generate (1 session)"]["per_s"]
     assert ratios["decode3_vs_decode1"] == rates["decode, 3 sessions"]["per_s"] / one
+    assert ratios["decode1_vs_eager"] == one / rates["decode eager, 1 session"]["per_s"]
     assert report["floor_tokens_per_s"] > 0 and set(report["append_ms"]) == {"1", "64"}
 
 
