@@ -19,6 +19,11 @@ keeps per layer:
   [q_rot, q], so one (1, 2dh) x (2dh, P + W + 1) product scores both;
 - a `MemoryStep` (memsvc.memory.step) for the memory branch.
 
+On the CPU (float32 or float64), once kernels/decode_step is built, a layer's step is
+two calls into that C++ extension over these same buffers (`step_fast`): the GEMMs stay
+ATen calls, everything between them plain loops; `step` below is its reference, and
+every test of tests/model/test_decode.py runs on both.
+
 The attention scale dh^-0.5 is folded into the query's convolution taps. States go
 in and come out as the ordinary single-stream `ModelState`s, so the engine's
 append path and the decoder continue each other; tests/model/test_decode.py
