@@ -2,8 +2,8 @@
 // memsvc/model/decode.py lays out (see its docstring for the layout). The four GEMMs
 // go to ATen (one call each, MKL's small-GEMM path); everything between them is
 // plain loops over the rows, so a token costs a handful of dispatches instead of
-// about 75 per layer. naive reference: `_LayerDecoder.step` in Python; the tests
-// hold the two equal (tests/kernels/test_decode_step.py).
+// about 75 per layer. Its reference is the eager `_LayerDecoder.step` in Python;
+// every test of tests/model/test_decode.py runs on both and holds them equal.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -88,8 +88,8 @@ class StreamingEngine:
             torch.float64,
         )
         # Its C++ step (kernels/decode_step) on the CPU: asking for it here starts the
-        # build (about a minute, once per machine) in the background; the decoder runs
-        # its eager step until the build is ready.
+        # build (about a minute, once per machine, environment and source) in the
+        # background; the decoder runs its eager step until the build is ready.
         self.decode_cpp = decode_cpp
         if self.fast_decode and decode_cpp and self.device.type == "cpu":
             decode_step.module()
