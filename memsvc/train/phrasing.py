@@ -46,6 +46,8 @@ class Phrasing:
     name_syllables: tuple[str, ...] = ()  # made-up names and codenames (half of them), if any
     openers: tuple[str, ...] = ("",)  # put before a statement or revision
     closers: tuple[str, ...] = ("",)  # put after one
+    asks: tuple[str, ...] = ("",)  # put before a question
+    asked_closers: tuple[str, ...] = ("",)  # put after a question, before its lead
 
     def key(self, rng: random.Random) -> str:
         pick = rng.random()
@@ -67,7 +69,16 @@ class Phrasing:
         return self._wrapped(rng, rng.choice(self.revisions), key, attr, value)
 
     def question(self, rng: random.Random, key: str, attr: str) -> str:
-        asked = self.render(rng.choice(self.questions), key, attr)
+        template = rng.choice(self.questions)
+        if len(self.asks) > 1:  # as with openers: a phrasing without them draws nothing
+            ask = rng.choice(self.asks)
+            if ask and ask.rstrip()[-1] in ",:":  # mid-sentence: the question goes on
+                template = template.replace("{Key}", "{key}").replace("{Keys}", "{keys}")
+                template = ask + template[:1].lower() + template[1:]
+            elif ask:
+                template = ask + template
+            template += rng.choice(self.asked_closers)
+        asked = self.render(template, key, attr)
         return asked + " " + self.render(rng.choice(self.leads), key, attr)
 
     def _wrapped(self, rng: random.Random, template: str, key: str, attr: str, value: str) -> str:
@@ -132,15 +143,17 @@ TRAIN_PHRASING = Phrasing(
     attributes={
         "digits": _phrases(
             """PIN; phone extension; account number; badge number; locker number; order number;
-            door code; member number; flight number; invoice number; bank pin; seat number"""
+            door code; member number; flight number; invoice number; bank pin; seat number;
+            postcode; gate number; pager number; table number; parcel number; case number"""
         ),
         "words": _phrases(
             """password; code word; nickname; secret word; favourite word; pet name; alias;
-            password hint; keyword; motto word"""
+            password hint; keyword; motto word; codename; handle; login word"""
         ),
         "code": _phrases(
             """access code; license key; serial; voucher code; ticket id; booking reference;
-            coupon; api token; part number; batch code; gift code"""
+            coupon; api token; part number; batch code; gift code; product key;
+            confirmation code; discount code"""
         ),
         "uuid": _phrases("uuid; device id; session id; user id; job id; request id; node id"),
     },
@@ -188,6 +201,26 @@ TRAIN_PHRASING = Phrasing(
         "Please give {keys} {attr}.",
         "{attr} for {key}?",
         "Can you recall the {attr} {key} has?",
+        "Find the {attr} of {key}.",
+        "What {attr} does {key} have?",
+        "Where did I put {keys} {attr}?",
+        "Need {keys} {attr}.",
+        "Look up the {attr} for {key}, please.",
+        "What did {key} set as the {attr}?",
+        "Which {attr} did {key} choose?",
+        "I forgot {keys} {attr}. What was it?",
+        "Give me the {attr} on file for {key}.",
+        "Recall {keys} {attr}.",
+        "What was recorded as {keys} {attr}?",
+        "{Keys} {attr}, what is it?",
+        "lookup: {key} / {attr}",
+        "Search the notes for {keys} {attr}.",
+        "What is the current {attr} of {key}?",
+        "Get {keys} {attr} for me.",
+        "Is there a {attr} for {key}? What is it?",
+        "query: {attr} of {key}",
+        "Any idea what {keys} {attr} is?",
+        "What do we have as {keys} {attr}?",
     ),
     leads=(
         "{Keys} {attr} is ",
@@ -201,6 +234,24 @@ TRAIN_PHRASING = Phrasing(
         "The {attr} is ",
         "Of course. ",
         "",
+        "Found it: ",
+        "{Keys} {attr}: ",
+        "{Key}'s is ",
+        "It was ",
+        "Yes, it is ",
+        "The {attr} is currently ",
+        "Sure: ",
+        "{attr} = ",
+        "I have ",
+        "According to my notes, it is ",
+        "{Key} uses ",
+        "Result: ",
+        "That would be ",
+        "{Key}: ",
+        "The value is ",
+        "We noted ",
+        "OK, ",
+        "It's ",
     ),
     syllables=_list("ka lo mi ne ru ta vo si pe da gu fi zo be ha ni xo la mu te"),
     name_syllables=_list(
@@ -208,6 +259,24 @@ TRAIN_PHRASING = Phrasing(
     ),
     openers=("", "", "", "note: ", "ok, ", "also, ", "btw, ", "important: ", "FYI ", "so, "),
     closers=("", "", "", " thanks.", " keep it safe.", " (noted)", " ok?", " got it."),
+    asks=(
+        "",
+        "",
+        "",
+        "hey, ",
+        "quick question: ",
+        "one more thing. ",
+        "sorry, ",
+        "hi! ",
+        "so, ",
+        "ok. ",
+        "next: ",
+        "question: ",
+        "hmm, ",
+        "listen, ",
+        "remind me: ",
+    ),
+    asked_closers=("", "", "", " Thanks.", " Quickly please.", " I need it now.", " (asap)"),
 )
 
 HELDOUT_PHRASING = Phrasing(

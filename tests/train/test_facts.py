@@ -97,6 +97,21 @@ def test_training_statements_wrap_openers_and_closers_without_breaking_the_value
     assert len(openers) == len(set(TRAIN_PHRASING.openers))  # every opener, and none
 
 
+def test_training_questions_wrap_asks_and_keep_the_key_and_attribute() -> None:
+    rng = random.Random(7)
+    asks, leads = set(), set()
+    for _ in range(600):
+        text = TRAIN_PHRASING.question(rng, "project Quartz", "serial")
+        assert "roject Quartz" in text and "erial" in text
+        assert text[:1].isupper()
+        asks.add(next((a for a in TRAIN_PHRASING.asks if a and text.startswith(_cap(a))), ""))
+        leads.add(text)
+    assert len(asks) == len(set(TRAIN_PHRASING.asks))  # every ask is drawn
+    assert len(leads) > 400  # the breadth of the questions, not a few dozen
+    # the held-out generator has no asks, so it draws nothing for them (its probes stay)
+    assert HELDOUT_PHRASING.asks == ("",)
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
