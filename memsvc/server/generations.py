@@ -7,13 +7,14 @@ stepped since its last one).
 
 `GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
 hands tokens to the client's stream in lockstep with it: tokens are given out
-only after the previous ones were written (up to `HANDOVER` at a time, what the
-pool has sampled). The pool may sample ahead of the writes (`DecodePool.ahead`,
-then the session is parked), but only what was written counts: when the client
-cancels, or the deadline ends the call, the session commits the prompt and
-exactly the tokens written (a token counts once the server has finished writing
-its message); tokens sampled but not written are dropped. Run to its end,
-everything sampled was written.
+only after the previous ones were written, up to `HANDOVER` at a time (what the
+pool has sampled), and each handover goes out as one message. The pool may
+sample ahead of the writes (`DecodePool.ahead`, then the session is parked),
+but only what was written counts: when the client cancels, or the deadline
+ends the call, the session commits the prompt and exactly the tokens written
+(a token counts once the server has finished writing its message); tokens
+sampled but not written are dropped. Run to its end, everything sampled was
+written.
 
 `QueryRun` is a Query: it samples from a snapshot of the state, so nothing
 it does changes the session. Its prompt is read in pieces (one per step),
@@ -103,17 +104,18 @@ class GenerateRun(Run):
 
     # ---- event loop --------------------------------------------------------------------
 
-    async def tokens(self) -> AsyncIterator[int]:
-        """The sampled tokens; call `delivered` after writing each one."""
+    async def tokens(self) -> AsyncIterator[list[int]]:
+        """The sampled tokens, each time all that the model thread has handed over (one
+        message's worth); call `delivered` after writing them."""
         while (item := await self._out.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, int)
+            assert isinstance(item, list)
             yield item
 
-    def delivered(self) -> None:
-        """The last token given out has been written to the client: sample the next."""
-        self._written += 1
+    def delivered(self, count: int) -> None:
+        """The last `count` tokens given out have been written to the client: sample on."""
+        self._written += count
         self._wake()
 
     def abandon(self) -> None:
@@ -151,7 +153,7 @@ class GenerateRun(Run):
             end = error
         if tokens:
             self._sampled += len(tokens)
-            self._loop.call_soon_threadsafe(_put_all, self._out, tokens)
+            self._loop.call_soon_threadsafe(self._out.put_nowait, tokens)
         if end is not None:
             self._end(end)
 
@@ -243,11 +245,6 @@ class QueryRun(Run):
             self._generation.close()  # leaves the pool (nothing once it ended)
         self.finished = True
         self._loop.call_soon_threadsafe(_settle, self.answer, outcome)
-
-
-def _put_all(queue: asyncio.Queue[object], items: list[int]) -> None:
-    for item in items:
-        queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:

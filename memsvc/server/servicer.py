@@ -263,7 +263,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def _generate(
         self, tenant: Tenant, session_id: str, prompt: pb.Prompt, context: Context
     ) -> AsyncIterator[pb.GeneratedTokens]:
-        """Each sampled token as it comes, then the closing message with the finish reason.
+        """The sampled tokens as they come (a message per handover: what the pool had
+        sampled, up to HANDOVER), then the closing message with the finish reason.
 
         A token counts as delivered once its message is written (the generator resumes
         after the write): the session commits the prompt and exactly the delivered
@@ -276,9 +277,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 # A cancelled call may tear the stream down without closing this generator
                 # at once; the run must stop (and commit) all the same.
                 context.add_done_callback(lambda _: run.abandon())
-                async for token in run.tokens():
-                    yield pb.GeneratedTokens(token_ids=[token])
-                    run.delivered()
+                async for tokens in run.tokens():
+                    yield pb.GeneratedTokens(token_ids=tokens)
+                    run.delivered(len(tokens))
         except Exception:
             self._rate.refund(tenant, charged)
             raise

@@ -166,15 +166,16 @@ class MemoryServiceServicer:
 
     def Generate(self, request, context):
         """Appends the prompt, then samples tokens; both become part of the session's
-        stream. Tokens are sent as they are sampled; the last message has `done` set.
-        The server writes a token only once the previous one's message was
-        written, and samples at most 64 tokens ahead of the writes, so a slow
-        reader slows the generation rather than piling tokens up. If the call ends
-        early (the client cancels, or the deadline passes), the session keeps the
-        prompt and exactly the tokens whose messages the server finished writing;
-        tokens sampled but not written are dropped. A client that
-        cancels mid-stream may not have read the last written tokens (the server
-        writes up to 16 before it waits for the writes): GetSession's position tells. Sampling stops within one step of the end of the call.
+        stream. Tokens are sent as they are sampled, each message carrying what was
+        sampled since the previous one (1 to 16 tokens); the last message has `done`
+        set. The server writes a message only once the previous one was written,
+        and samples at most 64 tokens ahead of the writes, so a slow reader slows
+        the generation rather than piling tokens up. If the call ends early (the
+        client cancels, or the deadline passes), the session keeps the prompt and
+        exactly the tokens whose messages the server finished writing; tokens
+        sampled but not written are dropped. A client that cancels mid-stream may
+        not have read the last written message: GetSession's position tells.
+        Sampling stops within one step of the end of the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
