@@ -48,10 +48,13 @@ def _kernel_module() -> ModuleType:
 
 
 def kernel_applies(*tensors: Tensor) -> bool:
-    """The kernel serves a call on these tensors (weights first): CUDA, float32 / bfloat16
-    weights, Triton importable, and no autograd through the update (the kernel has no
-    backward). `chunk_update(backend="auto")` decides by it."""
-    if not tensors[0].is_cuda or tensors[0].dtype not in (torch.float32, torch.bfloat16):
+    """The kernel serves a call on these tensors (weights first): CUDA, bfloat16 weights,
+    Triton importable, and no autograd through the update (the kernel has no backward).
+    `chunk_update(backend="auto")` decides by it. Float32 weights go to the PyTorch path:
+    on an H200 the kernel took 1.5-7x its time at dims 256 / 512 and 1-256 sessions; with
+    bfloat16 it was 1.2-1.8x faster at dim 256 and 2.0x at dim 512 with 256 sessions, but
+    slower at dim 512 below that (docs/BENCHMARKS.md)."""
+    if not tensors[0].is_cuda or tensors[0].dtype != torch.bfloat16:
         return False
     if not triton_available():
         return False
@@ -75,8 +78,8 @@ def chunk_update(
     weights / momentum: per layer (N, in, out), float32 or bfloat16 for the kernel;
     k, v (N, C, d); gates (N, C, 3) theta, eta, alpha; q (N, R, d); n_valid (N,):
     memory n writes its first n_valid[n] tokens (None: all C). `backend="auto"` runs
-    the Triton kernel where it applies (CUDA, no autograd through the update) and the
-    PyTorch path elsewhere; "triton" forces the kernel (CPU tensors need
+    the Triton kernel where it applies (CUDA, bfloat16, no autograd through the update) and
+    the PyTorch path elsewhere; "triton" forces the kernel (CPU tensors need
     TRITON_INTERPRET=1), "torch" the PyTorch path, "naive" the reference.
     """
     if backend == "auto":

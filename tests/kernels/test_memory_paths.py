@@ -143,13 +143,13 @@ def test_dispatch_picks_the_reference_where_the_kernel_does_not_apply():
     for a, b in zip(auto.weights + auto.momentum, ref.weights + ref.momentum, strict=True):
         assert torch.equal(a, b)
     if torch.cuda.is_available():
-        weights = [w.cuda().requires_grad_(True) for w in chunk[0]]
+        weights = [w.cuda().bfloat16().requires_grad_(True) for w in chunk[0]]
         assert kernel_applies(*[w.detach() for w in weights])
         assert not kernel_applies(*weights)  # autograd through the update: reference
         with torch.no_grad():
             assert kernel_applies(*weights)
-        double = [w.detach().double() for w in weights]
-        assert not kernel_applies(*double)
+        for dtype in (torch.float32, torch.float64):  # the PyTorch path is faster / exact
+            assert not kernel_applies(*[w.detach().to(dtype) for w in weights])
 
 
 def test_bench_floors_count_what_a_chunk_must_move_and_multiply():
