@@ -44,106 +44,6 @@ T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// Dot products of q with n_rows rows (row r at rows + r * stride), four rows at a time:
-// four independent chains of partial sums instead of one (each dot's reduction is a
-// chain of adds, so one row at a time left the step waiting on latency).
-template <typename T>
-void dots(const T* q, const T* rows, int64_t stride, int64_t n_rows, int64_t n, T* out) {
-  int64_t r = 0;
-  for (; r + 4 <= n_rows; r += 4) {
-    const T* r0 = rows + r * stride;
-    const T* r1 = r0 + stride;
-    const T* r2 = r1 + stride;
-    const T* r3 = r2 + stride;
-    T a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
-    int64_t e = 0;
-    for (; e + 8 <= n; e += 8)
-      for (int k = 0; k < 8; ++k) {
-        const T qe = q[e + k];
-        a0[k] += qe * r0[e + k];
-        a1[k] += qe * r1[e + k];
-        a2[k] += qe * r2[e + k];
-        a3[k] += qe * r3[e + k];
-      }
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (; e < n; ++e) {
-      s0 += q[e] * r0[e];
-      s1 += q[e] * r1[e];
-      s2 += q[e] * r2[e];
-      s3 += q[e] * r3[e];
-    }
-    for (int k = 0; k < 8; ++k) {
-      s0 += a0[k];
-      s1 += a1[k];
-      s2 += a2[k];
-      s3 += a3[k];
-    }
-    out[r] = s0;
-    out[r + 1] = s1;
-    out[r + 2] = s2;
-    out[r + 3] = s3;
-  }
-  for (; r < n_rows; ++r) out[r] = dot(q, rows + r * stride, n);
-}
-
-// out = sum_r w[r] * rows[r] (rows (n_rows, N) contiguous); with Skip, rows of weight 0
-// are skipped (the attention's empty ring slots). The sum is kept in registers for the
-// head sizes the shipped models use (N fixed): a running sum in memory is a store and a
-// load per row on the critical path.
-template <typename T, int N, bool Skip>
-void weighted_rows_fixed(const T* w, const T* rows, int64_t n_rows, T* out) {
-  T acc[N] = {};
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const T wr = w[r];
-    if (Skip && wr == T(0)) continue;
-    const T* row = rows + r * N;
-    for (int e = 0; e < N; ++e) acc[e] += wr * row[e];
-  }
-  std::copy(acc, acc + N, out);
-}
-
-template <bool Skip, typename T>
-void weighted_rows(const T* w, const T* rows, int64_t n_rows, int64_t n, T* out) {
-  if (n == 32) return weighted_rows_fixed<T, 32, Skip>(w, rows, n_rows, out);
-  if (n == 64) return weighted_rows_fixed<T, 64, Skip>(w, rows, n_rows, out);
-  std::fill(out, out + n, T(0));
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const T wr = w[r];
-    if (Skip && wr == T(0)) continue;
-    for (int64_t e = 0; e < n; ++e) out[e] += wr * rows[r * n + e];
-  }
-}
-
-// The delta write's last half and the read after it, one head: W = a W - k r^T, then
-// y = q^T W (W (n, n) row-major), y kept in registers where n is fixed (as above).
-template <typename T, int N>
-void write_read_fixed(T* w, const T* k, const T* r, const T* q, T a, T* y) {
-  T acc[N] = {};
-  for (int i = 0; i < N; ++i) {
-    T* wr = w + i * N;
-    const T ki = k[i], qi = q[i];
-    for (int j = 0; j < N; ++j) {
-      wr[j] = wr[j] * a - ki * r[j];
-      acc[j] += qi * wr[j];
-    }
-  }
-  std::copy(acc, acc + N, y);
-}
-
-template <typename T>
-void write_read(T* w, const T* k, const T* r, const T* q, T a, int64_t n, T* y) {
-  if (n == 32) return write_read_fixed<T, 32>(w, k, r, q, a, y);
-  if (n == 64) return write_read_fixed<T, 64>(w, k, r, q, a, y);
-  std::fill(y, y + n, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    T* wr = w + i * n;
-    for (int64_t j = 0; j < n; ++j) {
-      wr[j] = wr[j] * a - k[i] * r[j];
-      y[j] += q[i] * wr[j];
-    }
-  }
-}
-
 template <typename T>
 void normalize(T* x, int64_t n) {  // x / max(||x||, 1e-12)
   double sq = 0.0;
@@ -301,22 +201,28 @@ struct LayerStep {
           const T* key_rows = kp + bh * n_keys * 2 * dh;
           // A persistent key is [0, p_k] and a ring key [k_rot, 0]: each dot product
           // skips its zero half (exact).
-          dots(query.data() + dh, key_rows + dh, 2 * dh, p, dh, scores.data());
-          dots(query.data(), key_rows + p * 2 * dh, 2 * dh, ring, dh, scores.data() + p);
           for (int64_t n = 0; n < n_keys; ++n) {
-            scores[n] += mask_row[n];
-            top = std::max(top, scores[n]);
+            const int64_t half = n < p ? dh : 0;
+            const T* kr = key_rows + n * 2 * dh + half;
+            const T* qr = query.data() + half;
+            const T s = dot(qr, kr, dh) + mask_row[n];
+            scores[n] = s;
+            top = std::max(top, s);
           }
           T total = 0;
           for (int64_t n = 0; n < n_keys; ++n) {
             scores[n] = std::exp(scores[n] - top);
             total += scores[n];
           }
-          // The softmax's weighted values, normalised once at the end.
           T* ya = y_attn.data() + h * dh;
-          weighted_rows<true>(scores.data(), vp + bh * n_keys * dh, n_keys, dh, ya);
-          const T inv_total = T(1) / total;
-          for (int64_t e = 0; e < dh; ++e) ya[e] *= inv_total;
+          std::fill(ya, ya + dh, T(0));
+          const T* value_rows = vp + bh * n_keys * dh;
+          for (int64_t n = 0; n < n_keys; ++n) {
+            const T w = scores[n] / total;
+            if (w == T(0)) continue;
+            const T* vr = value_rows + n * dh;
+            for (int64_t e = 0; e < dh; ++e) ya[e] += w * vr[e];
+          }
         }
         const T r = inv_rms(y_attn.data(), d, eps_t);
         for (int64_t i = 0; i < d; ++i) op[b * d + i] = y_attn[i] * r;
@@ -371,14 +277,25 @@ struct LayerStep {
           if (grad_sum.defined()) {
             const T* w0h = w0.data_ptr<T>() + bh * dm * dm;
             T* gs = grad_sum.data_ptr<T>() + bh * dm * dm;
-            weighted_rows<false>(kh, w0h, dm, dm, rv.data());  // k^T W0
+            std::fill(rv.begin(), rv.end(), T(0));
+            for (int64_t i = 0; i < dm; ++i)
+              for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w0h[i * dm + j];
             for (int64_t j = 0; j < dm; ++j) rv[j] -= vh[j];
             for (int64_t i = 0; i < dm; ++i)
               for (int64_t j = 0; j < dm; ++j) gs[i * dm + j] += kh[i] * rv[j];
           }
-          weighted_rows<false>(kh, w, dm, dm, rv.data());  // k^T W
+          std::fill(rv.begin(), rv.end(), T(0));
+          for (int64_t i = 0; i < dm; ++i)
+            for (int64_t j = 0; j < dm; ++j) rv[j] += kh[i] * w[i * dm + j];
           for (int64_t j = 0; j < dm; ++j) rv[j] = (rv[j] * a - vh[j]) * theta;
-          write_read(w, kh, rv.data(), qh, a, dm, yh);
+          std::fill(yh, yh + dm, T(0));
+          for (int64_t i = 0; i < dm; ++i) {
+            T* wr = w + i * dm;
+            for (int64_t j = 0; j < dm; ++j) {
+              wr[j] = wr[j] * a - kh[i] * rv[j];
+              yh[j] += qh[i] * wr[j];
+            }
+          }
         }
       }
     });
