@@ -389,7 +389,11 @@ Tensor logits(const Tensor& x, const Tensor& head_t, double eps) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("logits", &logits);
+  // Each call releases the GIL while it computes (its arguments and results are
+  // converted with it held): a server's event loop then runs beside the model thread's
+  // steps, as it does beside ATen's own ops, instead of waiting for a switch interval.
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("logits", &logits, release());
   pybind11::class_<LayerStep>(m, "LayerStep")
       .def(pybind11::init<>())
       .def_readwrite("proj_t", &LayerStep::proj_t)
@@ -427,6 +431,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("lookahead", &LayerStep::lookahead)
       .def_readwrite("residual", &LayerStep::residual)
       .def_readwrite("eps", &LayerStep::eps)
-      .def("attend", &LayerStep::attend)
-      .def("mix", &LayerStep::mix);
+      .def("attend", &LayerStep::attend, release())
+      .def("mix", &LayerStep::mix, release());
 }
