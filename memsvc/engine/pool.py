@@ -140,6 +140,11 @@ class PooledGeneration(Iterator[int]):
         """Tokens sampled and not taken yet."""
         return len(self._queue)
 
+    @property
+    def ended(self) -> bool:
+        """The pool will sample no more for it: what waits (or its error) is the last."""
+        return self._ended or self._error is not None
+
     def close(self) -> None:
         """End it now; tokens not taken are dropped ("cancelled")."""
         self._queue.clear()

@@ -8,7 +8,9 @@ stepped since its last one).
 `GenerateRun` is a Generate: it holds its session (`SessionGeneration`) and
 hands tokens to the client's stream in lockstep with it: tokens are given out
 only after the previous ones were written, up to `HANDOVER` at a time (what the
-pool has sampled), and each handover goes out as one message. The pool may
+pool has sampled), and each handover goes out as one message. The first token goes
+out at once; after it a handover waits for `HANDOVER` tokens, or `HANDOVER_WAIT_S`
+after the previous write, or the end. The pool may
 sample ahead of the writes (`DecodePool.ahead`, then the session is parked),
 but only what was written counts: when the client cancels, or the deadline
 ends the call, the session commits the prompt and exactly the tokens written
@@ -28,6 +30,7 @@ step). Flags cross threads as single attribute writes.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -43,6 +46,10 @@ from memsvc.sessions.generation import SessionGeneration
 
 _END = object()
 HANDOVER = 16  # tokens a Generate hands its stream at most per step
+# A hand-over waits for HANDOVER tokens, or this long after the previous one was written
+# (the first token goes out at once): one message per token had cost the event loop and
+# the client more than the model's step (about one token per message at one stream).
+HANDOVER_WAIT_S = 0.002
 
 
 class Run(ABC):
@@ -99,6 +106,7 @@ class GenerateRun(Run):
         self._out: asyncio.Queue[object] = asyncio.Queue()
         self._sampled = 0  # model thread
         self._written = 0  # event loop
+        self._written_at = 0.0  # event loop: time.monotonic() of the last write
         self.finish_reason: str | None = None
         self.ended = asyncio.Event()  # set once it ended and committed
 
@@ -116,6 +124,7 @@ class GenerateRun(Run):
     def delivered(self, count: int) -> None:
         """The last `count` tokens given out have been written to the client: sample on."""
         self._written += count
+        self._written_at = time.monotonic()
         self._wake()
 
     def abandon(self) -> None:
@@ -125,7 +134,12 @@ class GenerateRun(Run):
     # ---- model thread ------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return not self.finished and self._sampled == self._written
+        if self.finished or self._sampled != self._written:
+            return False
+        if self._generation is None or not self._sampled:  # to start, and its first token
+            return True
+        late = time.monotonic() - self._written_at >= HANDOVER_WAIT_S
+        return self._generation.due(HANDOVER, late)
 
     def expired(self, now: float) -> bool:
         # The deadline ends the call on the event loop (the stream is cancelled, and

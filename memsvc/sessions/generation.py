@@ -55,6 +55,15 @@ class SessionGeneration(Iterator[int]):
         """ "length", "eos" or "stop" once exhausted; None before, or when closed early."""
         return self._generation.finish_reason
 
+    def due(self, tokens: int, late: bool) -> bool:
+        """Whether taking tokens now is worth a hand-over: `tokens` of them wait, or any
+        wait and the caller is `late`, or the generation has ended. A generation that is
+        not pooled samples when asked: always due."""
+        pooled = self._generation
+        if self._done or not isinstance(pooled, PooledGeneration):
+            return True
+        return pooled.ended or pooled.waiting >= tokens or (late and pooled.waiting > 0)
+
     def __iter__(self) -> SessionGeneration:
         return self
 
