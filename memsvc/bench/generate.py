@@ -14,7 +14,10 @@ length), on two paths one after the other on the same model and threads:
 
 Reported: aggregate tokens/s of both paths, grpc / engine, and the batching each
 path gets (aggregate at N / aggregate at 1; the goal for 32 is >= 4x). The client
-runs on the same cores as the server: see cpu_count and load_average.
+runs on the same cores as the server: see cpu_count and load_average. Both paths
+decode with the C++ step (kernels/decode_step): the run waits until this process has
+it and the server has logged that it has (`decode_step` in the report says what each
+had); until then a decoder runs the eager step, about 4x slower.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import decode_step
 from memsvc.bench.serve import run_context, start_server
 from memsvc.client.aio import AsyncMemoryClient
 from memsvc.engine import SamplingParams, StreamingEngine
@@ -62,9 +66,11 @@ def run_generate_benchmark(args: argparse.Namespace) -> int:
             "--max-new-tokens",
             str(args.generate_tokens),
         )
-        server, api_key = start_server(args, Path(tmp), limits)
-        engine_runs, grpc_runs = asyncio.run(_runs(args, server, api_key))
+        # info: the server logs when its C++ decode step is ready (decode_cpp_ready)
+        server, api_key = start_server(args, Path(tmp), limits, log_level="info")
+        engine_runs, grpc_runs, steps = asyncio.run(_runs(args, server, api_key))
     report = _report(args, engine_runs, grpc_runs, (load_before, os.getloadavg()[0]))
+    report["decode_step"] = steps
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -72,12 +78,19 @@ def run_generate_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _runs(args, server, api_key: str) -> tuple[list[GenerateRun], list[GenerateRun]]:
+async def _runs(
+    args, server, api_key: str
+) -> tuple[list[GenerateRun], list[GenerateRun], dict[str, str]]:
+    """The engine and gRPC runs, and the decode step each path had ("cpp" / "eager")."""
     engine = StreamingEngine(load_model(args.model))
     tokens = args.generate_tokens
     engine_runs, grpc_runs = [], []
+    steps: dict[str, str] = {}
     with server:
         await asyncio.to_thread(server.start)
+        steps["engine"] = await asyncio.to_thread(_engine_decode_step)
+        server_step = await asyncio.to_thread(server.wait_for_event, _DECODE_EVENTS, 300.0)
+        steps["server"] = {"decode_cpp_ready": "cpp", None: "unknown"}.get(server_step, "eager")
         async with AsyncMemoryClient(server.address, api_key, timeout=None) as client:
             await asyncio.to_thread(_engine_run, engine, 1, 8)  # warm-up: one-off costs
             await _grpc_run(client, 1, 8)
@@ -85,7 +98,19 @@ async def _runs(args, server, api_key: str) -> tuple[list[GenerateRun], list[Gen
                 engine_runs.append(await asyncio.to_thread(_engine_run, engine, sessions, tokens))
                 grpc_runs.append(await _grpc_run(client, sessions, tokens))
         await asyncio.to_thread(server.stop)
-    return engine_runs, grpc_runs
+    return engine_runs, grpc_runs, steps
+
+
+_DECODE_EVENTS = ("decode_cpp_ready", "decode_cpp_unavailable")
+
+
+def _engine_decode_step() -> str:
+    """The C++ decode step in this process, built now if need be: "cpp", else "eager"."""
+    try:
+        decode_step.load()
+    except RuntimeError:
+        return "eager"
+    return "cpp"
 
 
 def _engine_run(engine: StreamingEngine, sessions: int, tokens: int) -> GenerateRun:
@@ -171,3 +196,4 @@ def _print(report: dict) -> None:
         mark = "met" if goal["met"] else "NOT met"
         console.print(f"{name}: {goal['value']:.2f} (goal >= {goal['goal']}) {mark}")
     console.print(f"load average before/after: {report['load_average']}")
+    console.print(f"decode step (engine / server): {report.get('decode_step')}")

@@ -114,9 +114,10 @@ async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[Ru
 
 
 def start_server(
-    args: argparse.Namespace, tmp: Path, extra: tuple[str, ...] = ()
+    args: argparse.Namespace, tmp: Path, extra: tuple[str, ...] = (), log_level: str = "warning"
 ) -> tuple[ServerProcess, str]:
-    """`memsvc serve` on embedded defaults in tmp, and the key of a tenant without limits."""
+    """`memsvc serve` on embedded defaults in tmp, and the key of a tenant without limits.
+    Its log (tmp/server.log) holds `log_level` and above."""
     data_dir = tmp / "data"
     database = open_database(data_dir, None)
     with database.unit_of_work() as db:
@@ -126,7 +127,7 @@ def start_server(
     database.dispose()
     server_args = ["--model", str(args.model), "--data-dir", str(data_dir)]
     server_args += ["--threads", str(args.threads), *extra]
-    return ServerProcess(server_args, tmp / "server.log", log_level="warning"), api_key
+    return ServerProcess(server_args, tmp / "server.log", log_level=log_level), api_key
 
 
 def _engine_run(engine: StreamingEngine, sessions: int, appends: int, piece: torch.Tensor) -> Run:

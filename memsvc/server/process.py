@@ -3,6 +3,7 @@ the real server this way, so restarts and crashes are real process exits."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._log_start = 0  # where this start's lines begin in log_path
 
     @property
     def address(self) -> str:
@@ -63,9 +65,29 @@ class ServerProcess:
         command += ["--address", self.address, "--metrics-port", "0", *self.args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()
         self._process = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=self.env)
         self._wait_serving(timeout_s)
         return self
+
+    def wait_for_event(self, events: tuple[str, ...], timeout_s: float) -> str | None:
+        """Waits until a log line of this start has one of `events` as its event and
+        returns it; None once `timeout_s` passed or the server exited without one."""
+        assert self._process is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                for line in log:
+                    try:
+                        event = json.loads(line).get("event")
+                    except ValueError:
+                        continue
+                    if event in events:
+                        return event
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                return None
+            time.sleep(0.1)
 
     def stop(self, timeout_s: float = 120.0) -> int:
         """SIGTERM (the graceful stop) and wait; returns the exit code."""

@@ -61,3 +61,5 @@ def test_bench_serve_generate_reports_both_paths(
             row["grpc"]["tok_per_s"] / report["rows"][0]["grpc"]["tok_per_s"]
         )
     assert "grpc_32_vs_1_generations" not in report["goals"]  # 32 were not run
+    # Both paths were measured on the C++ decode step (the server's read from its log).
+    assert report["decode_step"] == {"engine": "cpp", "server": "cpp"}
