@@ -78,6 +78,10 @@ def run_generate_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the server logs once its C++ decode step is loaded, or cannot be.
+_DECODE_EVENTS = ("decode_cpp_ready", "decode_cpp_unavailable")
+
+
 async def _runs(
     args, server, api_key: str
 ) -> tuple[list[GenerateRun], list[GenerateRun], dict[str, str]]:
@@ -99,9 +103,6 @@ async def _runs(
                 grpc_runs.append(await _grpc_run(client, sessions, tokens))
         await asyncio.to_thread(server.stop)
     return engine_runs, grpc_runs, steps
-
-
-_DECODE_EVENTS = ("decode_cpp_ready", "decode_cpp_unavailable")
 
 
 def _engine_decode_step() -> str:

@@ -166,8 +166,9 @@ class MemoryServiceServicer:
 
     def Generate(self, request, context):
         """Appends the prompt, then samples tokens; both become part of the session's
-        stream. Tokens are sent as they are sampled, each message carrying what was
-        sampled since the previous one (1 to 16 tokens); the last message has `done`
+        stream. The first token is sent as soon as it is sampled; after it each
+        message carries 1 to 16 tokens, sent once 16 are waiting, or 2 ms after the
+        previous message was written, or at the end; the last message has `done`
         set. The server writes a message only once the previous one was written,
         and samples at most 64 tokens ahead of the writes, so a slow reader slows
         the generation rather than piling tokens up. If the call ends early (the
