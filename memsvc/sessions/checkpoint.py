@@ -426,17 +426,6 @@ class CheckpointDirectory:
             on_rejected=on_rejected,
         )
 
-    def prune(self, keep: int) -> list[Path]:
-        """Deletes all but the ``keep`` (>= 1) newest checkpoints; returns the deleted files."""
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
-        removed = [self.path_for(sequence) for sequence in self.sequences()[keep:]]
-        for path in removed:
-            path.unlink(missing_ok=True)
-        if removed:
-            fsync_directory(self.directory)
-        return removed
-
     def remove_temporaries(self) -> list[Path]:
         """Deletes temporaries left by interrupted writes; call only while no write runs."""
         if not self.directory.is_dir():

@@ -99,14 +99,6 @@ def find_tenant(db: Session, name: str) -> TenantRow | None:
     return db.scalars(select(TenantRow).where(TenantRow.name == name)).one_or_none()
 
 
-def get_tenant(db: Session, tenant_id: str) -> TenantRow:
-    """The tenant ``tenant_id``; NotFoundError if there is none."""
-    tenant = db.get(TenantRow, tenant_id)
-    if tenant is None:
-        raise NotFoundError(f"tenant {tenant_id} not found")
-    return tenant
-
-
 def create_session(db: Session, tenant_id: str, *, name: str, model_hash: str) -> SessionRow:
     """Creates a session for a tenant; QuotaExceededError if it has ``max_sessions`` live ones."""
     # Locking the tenant row serialises concurrent creates (PostgreSQL; SQLite's
