@@ -17,7 +17,10 @@ tokens at chunk boundaries and runs rounds; in each round a session brings
 Sessions with the same (p, length) form one batch. The "whole" group runs as
 one batch of the smallest whole-chunk count among its members (at most
 `max_segment`), so sessions of unequal lengths share a forward for as long
-as they overlap. Every cut is a split of the session's stream, and the model
+as they overlap. A session alone in its batch shares nothing, so it takes all
+it has left (at most `max_segment`) in one forward, on its own state (no
+stacking): a lone session's unaligned append is one forward, not one per
+chunk boundary. Every cut is a split of the session's stream, and the model
 gives the same outputs for any split: each session ends exactly where
 appending it alone would (to float tolerance).
 """
@@ -126,6 +129,14 @@ class StreamingEngine:
             [_pending(s) for s in current], [len(t) - d for t, d in zip(ids, done, strict=True)]
         ):
             for length, members in rounds:
+                if len(members) == 1:  # alone: its own state, no stacking
+                    i = members[0]
+                    logits, current[i] = self._forward(
+                        ids[i][None, done[i] : done[i] + length], current[i]
+                    )
+                    last_logits[i] = logits[0]
+                    done[i] += length
+                    continue
                 batch = torch.stack([ids[i][done[i] : done[i] + length] for i in members])
                 stacked = ModelState.stack([current[i] for i in members])
                 logits, stacked = self._forward(batch, stacked)  # (B, V)
@@ -227,11 +238,12 @@ class StreamingEngine:
                 whole.append(i)
             else:
                 groups.setdefault((p, min(r, c - p) if p else r), []).append(i)
-        batches = [(length, members) for (_, length), members in groups.items()]
         if whole:
-            length = min(remaining[i] - remaining[i] % c for i in whole)
-            batches.append((min(length, self.max_segment), whole))
-        return batches
+            groups[(0, min(remaining[i] - remaining[i] % c for i in whole))] = whole
+        return [
+            (min(remaining[members[0]] if len(members) == 1 else length, self.max_segment), members)
+            for (_, length), members in groups.items()
+        ]
 
 
 class Generation:

@@ -31,6 +31,7 @@ and keeps the last W.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -91,7 +92,9 @@ def windowed_attention(
     """
     b, h, t, dh = q.shape
     w = keys.shape[2] - t
-    qb = min(t, w)  # queries per block
+    if t <= w:
+        return _one_block(q, keys, values, persistent_keys, persistent_values, n_cached, cos, sin)
+    qb = w  # queries per block
     nb = -(-t // qb)  # blocks
     pad = nb * qb - t
     if pad:  # padded queries come after every real key: they never touch a real output
@@ -123,6 +126,56 @@ def windowed_attention(
     pv = persistent_values[None, :, None].expand(b, h, nb, n_p, dh)
     out = probs @ torch.cat([pv, v], dim=-2)  # (B, H, nb, Qb, dh)
     return out.reshape(b, h, nb * qb, dh)[:, :, :t]
+
+
+def _one_block(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    persistent_keys: Tensor,
+    persistent_values: Tensor,
+    n_cached: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+) -> Tensor:
+    """`windowed_attention` when the T new queries fit one block (T <= W): the blocked
+    path's block 0 with nothing to unfold or pad, the scale on the queries (RoPE is
+    linear), persistent and window scores in one softmax, one value product. This is
+    the path of every small append and of each append's last token."""
+    b, h, t, dh = q.shape
+    w = keys.shape[2] - t
+    span = w + t
+    q = q * dh**-0.5
+    q_rot = apply_rope(q, cos[w:span], sin[w:span])  # query a sits at key index W + a
+    k_rot = apply_rope(keys, cos[:span], sin[:span])
+    scores = torch.cat([q @ persistent_keys.transpose(-1, -2), q_rot @ k_rot.transpose(-1, -2)], -1)
+    scores += _one_block_mask(t, w, persistent_keys.shape[1], n_cached, scores.dtype)
+    values = torch.cat([persistent_values.expand(b, h, -1, dh), values], dim=2)
+    return torch.softmax(scores, dim=-1) @ values  # (B, H, T, dh)
+
+
+def _one_block_mask(t: int, w: int, n_p: int, n_cached: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask (B or 1, 1, T, P + W + T): 0 where query a sees key j (every
+    persistent key; window keys a <= j <= a + W that hold a real token), else -inf."""
+    if bool((n_cached == w).all()):  # every cache slot real: the band alone, kept
+        return _band_mask(t, w, n_p, dtype, n_cached.device)
+    return _mask(t, w, n_p, w - n_cached, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_mask(t: int, w: int, n_p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _mask(t, w, n_p, torch.zeros(1, dtype=torch.int64, device=device), dtype)
+
+
+def _mask(t: int, w: int, n_p: int, first_real: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask of `_one_block_mask`; window key j is real when j >= first_real (B,)."""
+    device = first_real.device
+    a = torch.arange(t, device=device)[:, None]
+    j = torch.arange(w + t, device=device)[None, :]
+    seen = (j >= a) & (j <= a + w) & (j >= first_real.view(-1, 1, 1))  # (B, T, W+T)
+    seen = torch.cat([seen.new_ones(seen.shape[0], t, n_p), seen], dim=-1)
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~seen, float("-inf")).unsqueeze(1)
 
 
 class SlidingWindowAttention(nn.Module):

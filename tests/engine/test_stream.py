@@ -93,6 +93,26 @@ def test_step_batch_shares_forwards_between_sessions(engine: StreamingEngine) ->
     assert calls == [(4, 2 * CHUNK), (4, 2 * CHUNK), (4, CHUNK)]
 
 
+def test_a_session_alone_in_its_batch_takes_all_it_has_in_one_forward() -> None:
+    # offsets 5 and 0 never share a batch; each takes its tokens past chunk boundaries
+    # in one forward (up to max_segment) instead of one forward per chunk boundary
+    engine = StreamingEngine(tiny_model(0), max_segment=8 * CHUNK)
+    first = engine.append(engine.init_state(), random_tokens(5, seed=3))[0]
+    states = [first, engine.init_state()]
+    new = [random_tokens(6 * CHUNK + 2, seed=4), random_tokens(9 * CHUNK + 3, seed=5)]
+    calls = []
+    hook = engine.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        batched = engine.step_batch(states, new)
+    finally:
+        hook.remove()
+    assert calls == [(1, 6 * CHUNK + 2), (1, 8 * CHUNK), (1, CHUNK + 3)]
+    for state, tokens, (got_state, got) in zip(states, new, batched, strict=True):
+        want_state, want = engine.append(state, tokens)
+        assert_states_equal(got_state, want_state, **TOL)
+        torch.testing.assert_close(got.last_logits, want.last_logits, **TOL)
+
+
 def test_step_batch_rejects_mismatched_arguments(engine: StreamingEngine) -> None:
     with pytest.raises(ValueError, match="2 states but 1 token lists"):
         engine.step_batch([engine.init_state(), engine.init_state()], [[1]])
