@@ -45,6 +45,7 @@ def test_bench_decode_reports_every_line_and_the_ratios(tmp_path, capsys) -> Non
     assert ratios["decode3_vs_decode1"] == rates["decode, 3 sessions"]["per_s"] / one
     assert ratios["decode1_vs_eager"] == one / rates["decode eager, 1 session"]["per_s"]
     assert report["floor_tokens_per_s"] > 0 and set(report["append_ms"]) == {"1", "64"}
+    assert set(report["step_batch_ms"]) == {"64", "50@30"}
 
 
 def test_flops_per_token_counts_the_gemms_attention_and_memory() -> None:

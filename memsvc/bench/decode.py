@@ -9,7 +9,9 @@ Measured on one model and thread count, each a median over repeats:
 - decode eager: the same decoder with its eager step (every op an ATen dispatch),
   1 session, the peer of the C++ step;
 - bulk append: one long append (tokens/s), the engine's best case;
-- appends of 1 and 64 tokens: engine time per call;
+- appends of 1 and 64 tokens: engine time per call; and through `step_batch` (the
+  server's path) 64 tokens, and 50 tokens from 30 tokens into a memory chunk (an
+  unaligned turn, which crosses a chunk boundary);
 - the compute floor: the model's FLOPs per generated token over the rate a large
   GEMM reaches here; what no implementation on this CPU can beat.
 
@@ -147,6 +149,11 @@ def run_decode_benchmark(
     for size in (1, 64):
         piece = text[history : history + size]
         appends[size] = measure(f"append {size}", size, lambda p=piece: fast.append(state, p), 15)
+    offset = fast.append(state, text[history : history + 30])[0]  # inside a memory chunk
+    stepped = {
+        "64": measure("step 64", 64, lambda: fast.step_batch([state], [text[:64]]), 15),
+        "50@30": measure("step 50@30", 50, lambda: fast.step_batch([offset], [text[:50]]), 15),
+    }
     floor_flops = flops_per_token(model)
     gemm_rate = gemm_flops_per_s(threads)
     by_name = {r.name: r for r in rates}
@@ -163,6 +170,7 @@ def run_decode_benchmark(
         "rates": [r.row() for r in rates],
         "append_ms": {str(k): 1e3 * v.timing.median_s for k, v in appends.items()},
         "append_cpu_ms": {str(k): 1e3 * v.items / v.per_cpu_s for k, v in appends.items()},
+        "step_batch_ms": {k: 1e3 * v.timing.median_s for k, v in stepped.items()},
         "flops_per_token": floor_flops,
         "gemm_gflops": gemm_rate / 1e9,
         "floor_tokens_per_s": gemm_rate / floor_flops,
@@ -205,6 +213,11 @@ def format_report(report: dict) -> str:
     lines.append(
         f"engine append: 1 token {ms['1']:.2f} ms (CPU {cpu['1']:.2f}), "
         f"64 tokens {ms['64']:.2f} ms (CPU {cpu['64']:.2f})"
+    )
+    step = report["step_batch_ms"]
+    lines.append(
+        f"step_batch (the server's path), one session: 64 tokens {step['64']:.2f} ms, "
+        f"50 tokens from chunk offset 30 {step['50@30']:.2f} ms"
     )
     if "ratios" in report:
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
