@@ -55,6 +55,12 @@ def _add_serve(benches: argparse._SubParsersAction) -> None:
         "--append-tokens", type=int, default=64, help="tokens per append (64: a memory chunk)"
     )
     serve.add_argument("--window", type=int, default=2, help="appends in flight per stream")
+    serve.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="sweeps of both paths, alternating; each row reports the medians",
+    )
     serve.add_argument("--threads", type=int, default=2, help="torch threads (both paths)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.add_argument(

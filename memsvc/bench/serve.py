@@ -15,7 +15,10 @@ after the other on the same model and threads:
 Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine:
 one batched step; grpc: from sending an append to its acknowledgement), and
 the goals of docs/ARCHITECTURE.md ("Goals"): 1 session through gRPC >= 80% of in-process,
-32 sessions >= 4x the aggregate of 1. Batching can only gain where one
+32 sessions >= 4x the aggregate of 1. With `--repeats N` the sweep runs N
+times, alternating the paths; a row shows each path's median-throughput run and
+the median of the paired gRPC / engine ratios (short runs on a shared machine
+scatter by tens of percent). Batching can only gain where one
 session leaves the cores idle: with large appends a single stream already
 fills them, and the engine's own N-session row is the ceiling. The client
 runs on the same cores as the server, and so does anything else on the
@@ -88,27 +91,30 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[Run]]:
+async def _runs(args: argparse.Namespace, tmp: Path) -> tuple[list[list[Run]], list[list[Run]]]:
     """Both paths at each concurrency, one right after the other, so that a change in
-    what else the machine runs hits both alike (the idle server costs nothing)."""
+    what else the machine runs hits both alike (the idle server costs nothing); the
+    whole sweep `args.repeats` times. Returns the runs per concurrency, in sweep order."""
     appends = args.tokens_per_session // args.append_tokens
     seed = torch.Generator().manual_seed(0)
     piece = torch.randint(32, 127, (args.append_tokens,), generator=seed)
     engine = StreamingEngine(load_model(args.model))
     server, api_key = start_server(args, tmp)
-    engine_runs, grpc_runs = [], []
+    engine_runs: list[list[Run]] = [[] for _ in args.sessions]
+    grpc_runs: list[list[Run]] = [[] for _ in args.sessions]
     with server:
         await asyncio.to_thread(server.start)
         async with AsyncMemoryClient(server.address, api_key, timeout=None) as client:
             await asyncio.to_thread(_engine_run, engine, 1, 2, piece)  # warm-up: one-off costs
             await _grpc_run(client, 1, 2, piece.tolist(), args.window)
-            for sessions in args.sessions:
-                engine_runs.append(
-                    await asyncio.to_thread(_engine_run, engine, sessions, appends, piece)
-                )
-                grpc_runs.append(
-                    await _grpc_run(client, sessions, appends, piece.tolist(), args.window)
-                )
+            for _ in range(args.repeats):
+                for i, sessions in enumerate(args.sessions):
+                    engine_runs[i].append(
+                        await asyncio.to_thread(_engine_run, engine, sessions, appends, piece)
+                    )
+                    grpc_runs[i].append(
+                        await _grpc_run(client, sessions, appends, piece.tolist(), args.window)
+                    )
         await asyncio.to_thread(server.stop)
     return engine_runs, grpc_runs
 
@@ -182,22 +188,33 @@ def _run(sessions: int, tokens: int, seconds: float, latencies: list[float]) -> 
     return Run(sessions, tokens, seconds, p50 * 1e3, p99 * 1e3)
 
 
+def _median_run(runs: list[Run]) -> Run:
+    """The run of median throughput (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run.tok_per_s)[(len(runs) - 1) // 2]
+
+
 def _report(
     args: argparse.Namespace,
-    engine_runs: list[Run],
-    grpc_runs: list[Run],
+    engine_runs: list[list[Run]],
+    grpc_runs: list[list[Run]],
     load_average: tuple[float, float],
 ) -> dict:
-    rows = [
-        {
-            "sessions": e.sessions,
-            "engine": {**asdict(e), "tok_per_s": e.tok_per_s},
-            "grpc": {**asdict(g), "tok_per_s": g.tok_per_s},
-            "grpc_vs_engine": g.tok_per_s / e.tok_per_s,
-        }
-        for e, g in zip(engine_runs, grpc_runs, strict=True)
-    ]
-    by_sessions = {g.sessions: g for g in grpc_runs}
+    """One row per concurrency: each path's median-throughput run, and the median of the
+    sweeps' paired gRPC / engine ratios (each sweep ran both paths back to back)."""
+    rows = []
+    for engines, grpcs in zip(engine_runs, grpc_runs, strict=True):
+        e, g = _median_run(engines), _median_run(grpcs)
+        ratios = [b.tok_per_s / a.tok_per_s for a, b in zip(engines, grpcs, strict=True)]
+        rows.append(
+            {
+                "sessions": e.sessions,
+                "engine": {**asdict(e), "tok_per_s": e.tok_per_s},
+                "grpc": {**asdict(g), "tok_per_s": g.tok_per_s},
+                "grpc_vs_engine": statistics.median(ratios),
+                "grpc_vs_engine_per_repeat": ratios,
+            }
+        )
+    by_sessions = {g.sessions: g for g in (_median_run(runs) for runs in grpc_runs)}
     goals = {}
     if 1 in by_sessions:
         goals["single_session_grpc_vs_engine"] = {
@@ -216,6 +233,7 @@ def _report(
         "tokens_per_session": args.tokens_per_session,
         "append_tokens": args.append_tokens,
         "window": args.window,
+        "repeats": args.repeats,
         "rows": rows,
         "goals": goals,
     }
@@ -241,7 +259,8 @@ def _print(report: dict) -> None:
 
     table = Table(
         title=f"streaming through gRPC vs in process ({report['append_tokens']} tokens per "
-        f"append, {report['tokens_per_session']:,} per session, {report['threads']} threads)"
+        f"append, {report['tokens_per_session']:,} per session, {report['threads']} threads; "
+        f"medians of {report['repeats']} alternating sweeps)"
     )
     for column in (
         "sessions",

@@ -14,11 +14,13 @@ def test_bench_serve_reports_both_paths(
     model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["bench", "serve", "--model", str(model_dir), "--sessions", "1,3"]
-    argv += ["--tokens-per-session", "256", "--append-tokens", "128", "--json"]
+    argv += ["--tokens-per-session", "256", "--append-tokens", "128", "--repeats", "3", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert [row["sessions"] for row in report["rows"]] == [1, 3]
     for row in report["rows"]:
+        ratios = row["grpc_vs_engine_per_repeat"]
+        assert len(ratios) == 3 and row["grpc_vs_engine"] == sorted(ratios)[1]
         for path in ("engine", "grpc"):
             assert row[path]["tokens"] == row["sessions"] * 256
             assert row[path]["tok_per_s"] > 0
