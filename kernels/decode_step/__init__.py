@@ -1,4 +1,6 @@
-"""One MAG block's decode step as a C++ extension (`step.cpp`), for the CPU.
+"""One MAG block's decode step (`step.cpp`) and its small-chunk twin (`chunk.cpp`: one
+stream's 1 .. W new tokens in one call per layer, memsvc/model/chunk_fast.py) as one C++
+extension, for the CPU.
 
 The decoder's step is about 75 small ATen ops per layer, and at a (1, 128) row each
 costs its dispatch (1.1-1.5 us, `memsvc bench dispatch`) more than its arithmetic. The
@@ -65,7 +67,7 @@ def _compile() -> ModuleType:
         lock.unlink(missing_ok=True)
     return load(
         name="memsvc_decode_step",
-        sources=[str(Path(__file__).with_name("step.cpp"))],
+        sources=[str(Path(__file__).with_name(name)) for name in ("step.cpp", "chunk.cpp")],
         # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
         extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
         build_directory=str(directory),

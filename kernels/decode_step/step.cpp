@@ -388,6 +388,8 @@ Tensor logits(const Tensor& x, const Tensor& head_t, double eps) {
 
 }  // namespace
 
+void bind_chunk(pybind11::module& m);  // chunk.cpp: one block over a small chunk
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Each call releases the GIL while it computes (its arguments and results are
   // converted with it held): a server's event loop then runs beside the model thread's
@@ -433,4 +435,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("eps", &LayerStep::eps)
       .def("attend", &LayerStep::attend, release())
       .def("mix", &LayerStep::mix, release());
+  bind_chunk(m);
 }

@@ -9,9 +9,10 @@ Measured on one model and thread count, each a median over repeats:
 - decode eager: the same decoder with its eager step (every op an ATen dispatch),
   1 session, the peer of the C++ step;
 - bulk append: one long append (tokens/s), the engine's best case;
-- appends of 1 and 64 tokens: engine time per call; and through `step_batch` (the
-  server's path) 64 tokens, and 50 tokens from 30 tokens into a memory chunk (an
-  unaligned turn, which crosses a chunk boundary);
+- appends of 1 and 64 tokens: engine time per call (the C++ chunk path,
+  memsvc/model/chunk_fast.py), beside the same appends on `MAGModel.forward`; and
+  through `step_batch` (the server's path) 64 tokens, and 50 tokens from 30 tokens
+  into a memory chunk (an unaligned turn, which crosses a chunk boundary);
 - the compute floor: the model's FLOPs per generated token over the rate a large
   GEMM reaches here; what no implementation on this CPU can beat.
 
@@ -146,9 +147,13 @@ def run_decode_benchmark(
     bulk = text[history : history + bulk_tokens]
     rates.append(measure("bulk append", bulk_tokens, lambda: fast.append(state, bulk)))
     appends = {}
+    model_path = {}  # the same appends on MAGModel.forward: the C++ chunk path's peer
     for size in (1, 64):
         piece = text[history : history + size]
         appends[size] = measure(f"append {size}", size, lambda p=piece: fast.append(state, p), 15)
+        model_path[size] = measure(
+            f"append {size}, model", size, lambda p=piece: eager.append(state, p), 15
+        )
     offset = fast.append(state, text[history : history + 30])[0]  # inside a memory chunk
     stepped = {
         "64": measure("step 64", 64, lambda: fast.step_batch([state], [text[:64]]), 15),
@@ -170,6 +175,7 @@ def run_decode_benchmark(
         "rates": [r.row() for r in rates],
         "append_ms": {str(k): 1e3 * v.timing.median_s for k, v in appends.items()},
         "append_cpu_ms": {str(k): 1e3 * v.items / v.per_cpu_s for k, v in appends.items()},
+        "append_model_ms": {str(k): 1e3 * v.timing.median_s for k, v in model_path.items()},
         "step_batch_ms": {k: 1e3 * v.timing.median_s for k, v in stepped.items()},
         "flops_per_token": floor_flops,
         "gemm_gflops": gemm_rate / 1e9,
@@ -214,6 +220,13 @@ def format_report(report: dict) -> str:
         f"engine append: 1 token {ms['1']:.2f} ms (CPU {cpu['1']:.2f}), "
         f"64 tokens {ms['64']:.2f} ms (CPU {cpu['64']:.2f})"
     )
+    model_ms = report.get("append_model_ms")
+    if model_ms:  # the same appends on MAGModel.forward (no C++ chunk path)
+        lines.append(
+            f"  on MAGModel.forward: 1 token {model_ms['1']:.2f} ms, "
+            f"64 tokens {model_ms['64']:.2f} ms (C++ chunk path "
+            f"{model_ms['1'] / ms['1']:.2f}x, {model_ms['64'] / ms['64']:.2f}x faster)"
+        )
     step = report["step_batch_ms"]
     lines.append(
         f"step_batch (the server's path), one session: 64 tokens {step['64']:.2f} ms, "

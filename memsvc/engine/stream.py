@@ -37,7 +37,8 @@ from kernels import decode_step
 from memsvc.engine.decode import DecodeBatch, StopRule, make_generator
 from memsvc.engine.pool import DecodePool
 from memsvc.engine.sampling import SamplingParams, sample_next
-from memsvc.model import MAGModel, ModelState
+from memsvc.model import MAGModel, ModelState, chunk_fast
+from memsvc.model.chunk_fast import ChunkPath
 from memsvc.model.decode import Decoder
 
 Tokens = Sequence[int] | Tensor
@@ -62,8 +63,10 @@ class StreamingEngine:
     max_segment bounds the tokens of one forward (the activations grow with
     it); it must be a multiple of the memory chunk. use_memory=False runs the
     sliding-window-only ablation: the memory branch reads as zero and its
-    state never changes. fast_decode=False generates through the chunk path
-    (`_forward`) one token at a time: the reference the decoder is held to."""
+    state never changes. fast_decode=False is the reference engine: it generates
+    through the chunk path (`_forward`) one token at a time, and that path is
+    `MAGModel.forward` throughout; the decoder and the C++ chunk path are held to it.
+    decode_cpp=False keeps both C++ kernels (decode step, small chunks) off."""
 
     def __init__(
         self,
@@ -96,6 +99,10 @@ class StreamingEngine:
         self.decode_cpp = decode_cpp
         if self.fast_decode and decode_cpp and self.device.type == "cpu":
             decode_step.module()
+        # One stream's small append (1 .. W tokens) through the C++ block
+        # (memsvc/model/chunk_fast.py) once the same extension is built; built on first use.
+        self._chunk_cpp = fast_decode and decode_cpp and chunk_fast.supports(model)
+        self._chunk: ChunkPath | None = None
 
     @torch.no_grad()
     def init_state(self) -> ModelState:
@@ -223,8 +230,19 @@ class StreamingEngine:
     @torch.no_grad()
     def _forward(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """tokens (B, T) -> next-token logits (B, V) after the last of them, and the state."""
+        chunk = self._chunk_path()
+        if chunk is not None and chunk.runs(tokens, state):
+            return chunk.forward(tokens, state, self.use_memory)
         logits, state = self.model(tokens, state, use_memory=self.use_memory, last_only=True)
         return logits[:, -1], state
+
+    def _chunk_path(self) -> ChunkPath | None:
+        """The C++ chunk path, once the extension is ready (None before, or when off)."""
+        if self._chunk is None and self._chunk_cpp:
+            cpp = decode_step.module()
+            if cpp is not None:
+                self._chunk = ChunkPath(self.model, cpp)
+        return self._chunk
 
     def _plan_round(self, pending: list[int], remaining: list[int]) -> list[tuple[int, list[int]]]:
         """One round of step_batch: (length, sessions) batches, each session at most once."""

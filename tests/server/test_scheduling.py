@@ -189,8 +189,11 @@ def test_a_bulk_append_past_its_deadline_says_how_much_went_in(
         address="127.0.0.1:0",
         admin_key=ADMIN_KEY,
         max_message_bytes=MAX_MESSAGE_BYTES,
-        scheduling=replace(SCHEDULING, segment_tokens=16, step_tokens=16),
+        scheduling=replace(SCHEDULING, segment_tokens=4, step_tokens=4),
     )
+    # More than a second's work: 1,024 steps of 4 tokens (one takes 1-2 ms on the C++
+    # chunk path).
+    bulk = 4096
     service = start_service(tmp_path / "data", engine, config)
     try:
         # The answer must reach the client before gRPC's own deadline does: on a loaded
@@ -199,12 +202,12 @@ def test_a_bulk_append_past_its_deadline_says_how_much_went_in(
         for _ in range(3):
             session_id = _session(service, service.alice, b"x")
             with pytest.raises(grpc.RpcError) as caught:
-                _append(service, service.alice, session_id, b"y" * 4096, timeout=1.0)
+                _append(service, service.alice, session_id, b"y" * bulk, timeout=1.0)
             assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             _wait_idle(_scheduler(service), within_s=5.0)
             went_in = _position(service, service.alice, session_id) - 1
-            assert 0 <= went_in < 4096 and went_in % 16 == 0  # whole segments, each durable
-            match = re.search(r"after (\d+) of the append's 4096 tokens", caught.value.details())
+            assert 0 <= went_in < bulk and went_in % 4 == 0  # whole segments, each durable
+            match = re.search(rf"after (\d+) of the append's {bulk} tokens", caught.value.details())
             if match is not None:
                 assert int(match.group(1)) == went_in
                 told.append(went_in)
