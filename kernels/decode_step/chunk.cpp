@@ -12,6 +12,8 @@
 // (memsvc/memory/gate.py) before its weights become the next chunk's start.
 #include <torch/extension.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,24 +23,7 @@ namespace {
 
 using torch::Tensor;
 
-template <typename T>
-T inv_rms(const T* x, int64_t n, T eps) {  // as kernels/decode_step/step.cpp
-  double sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
-  const T norm = static_cast<T>(std::sqrt(sq));
-  return T(1) / std::sqrt(norm * norm / static_cast<T>(n) + eps);
-}
-
-template <typename T>
-T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
-
-template <typename T>
-void normalize(T* x, int64_t n) {  // x / max(||x||, 1e-12)
-  double sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
-  const T norm = std::max(static_cast<T>(std::sqrt(sq)), static_cast<T>(1e-12));
-  for (int64_t i = 0; i < n; ++i) x[i] /= norm;
-}
+using namespace memsvc_rows;
 
 // out[t] = sum_j taps[j] * ext[t + j] per channel: ext (T + K - 1 rows, stride `stride`,
 // `ch` channels from column `col`), taps (K, ch).
