@@ -296,8 +296,7 @@ struct ChunkBlock {
       T* hp = hidden.data_ptr<T>();
       for (int64_t a = 0; a < tq_n; ++a)
         for (int64_t i = 0; i < f; ++i) {
-          const T g = up[a * 2 * f + i];
-          hp[a * f + i] = g / (T(1) + std::exp(-g)) * up[a * 2 * f + f + i];
+          hp[a * f + i] = silu(up[a * 2 * f + i]) * up[a * 2 * f + f + i];
         }
     }
     result.push_back(torch::addmm(x1, hidden, down_t));
@@ -334,7 +333,7 @@ struct ChunkBlock {
     for (int64_t t = 0; t < t_n; ++t) std::copy_n(pp + t * out_n + col_m, ch, ep + (cs - 1 + t) * ch);
     std::vector<T> act(t_n * ch);
     causal_conv(ep, ch, 0, t_n, mem_taps.data_ptr<T>(), cs, ch, act.data());
-    for (auto& v : act) v = v / (T(1) + std::exp(-v));
+    for (auto& v : act) v = silu(v);
 
     // Every token of the chunk so far (pending, then new): keys, values, gates by head.
     std::vector<T> kk(hm * total * dm), vv(hm * total * dm), gg(hm * total * 3);
