@@ -5,9 +5,20 @@ position) here. Items are cut into rounds where each session appears at most
 once, in item order, so the items of one session apply one after another and
 the results equal appending the items one by one. In each round: lock the
 sessions (in id order: no deadlock), bring their states to the device, one
-``step_batch``, write every log record, fsync the logs concurrently (their
-fsyncs share the disk's flushes), then apply and acknowledge. Every error is
-the item's own and lands in its result.
+``step_batch``, write every log record, make the new states the sessions',
+then settle the round: fsync the logs concurrently (their fsyncs share the
+disk's flushes) and check the claims. Every error is the item's own and lands
+in its result.
+
+Settling happens before ``run`` returns, or, given ``durable``, on the
+acknowledging thread while the caller steps its next appends (the server's
+model thread: an fsync no longer stalls the forwards). Then ``run`` returns
+each applied item's result before it is durable, and ``durable(index, outcome)``
+follows from that thread, once per applied item, in the order the rounds ran:
+the same result once its record is durable, or the error the sync met (the
+session unloaded, its state dropped with every later one built on it). One
+fsync covers every record written before it began, and a log refuses all use
+after a failed one, so no later round is acknowledged over a lost record.
 
 A round whose step goes non-finite is redone one session at a time: the
 sessions whose own update goes non-finite are rolled back and refused
@@ -17,8 +28,10 @@ had been stepped alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import structlog
 from torch import Tensor
 
 from memsvc.engine import AppendStats
@@ -26,11 +39,16 @@ from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
 from memsvc.sessions.api import AppendResult
 from memsvc.sessions.config import SYNC_THREADS
-from memsvc.sessions.live import LiveSession, SessionEnv
+from memsvc.sessions.live import LiveSession, Logged, SessionEnv
 from memsvc.sessions.residency import Residency
+
+log = structlog.get_logger(__name__)
 
 Item = tuple[int, LiveSession, Tensor, int | None]
 Results = list[AppendResult | Exception | None]
+Outcome = AppendResult | Exception
+Durable = Callable[[int, Outcome], None]  # (item index, its final outcome)
+Applied = tuple[int, LiveSession, Logged, AppendResult]
 
 
 def rounds(items: list[Item]) -> list[list[Item]]:
@@ -53,15 +71,19 @@ class BatchAppender:
         self._env = env
         self._residency = residency
         self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="memsvc-wal-sync")
+        # One thread: the rounds' acknowledgements go out in the order the rounds ran.
+        self._acks = ThreadPoolExecutor(1, thread_name_prefix="memsvc-wal-ack")
 
-    def run(self, items: list[Item], results: Results) -> None:
+    def run(self, items: list[Item], results: Results, durable: Durable | None = None) -> None:
         for batch in rounds(items):
-            self._round(batch, results)
+            self._round(batch, results, durable)
 
     def close(self) -> None:
+        """Waits for the acknowledgements on their way (call before unloading sessions)."""
+        self._acks.shutdown()
         self._sync_pool.shutdown()
 
-    def _round(self, batch: list[Item], results: Results) -> None:
+    def _round(self, batch: list[Item], results: Results, durable: Durable | None) -> None:
         """One engine step over sessions that each appear once; errors land in ``results``."""
         books = self._env.books
         held = []
@@ -78,26 +100,67 @@ class BatchAppender:
                     ready.append((index, session, ids, state))
                 except Exception as error:
                     results[index] = error
-            logged = []
+            applied: list[Applied] = []
             for (index, session, ids, _), stepped in zip(ready, self._step(ready), strict=True):
                 if isinstance(stepped, Exception):
                     results[index] = stepped
                     continue
                 try:
-                    session.log(ids)
-                    logged.append((index, session, ids, *stepped))
+                    logged = session.log(ids)
                 except Exception as error:
                     results[index] = error
-            ends = self._sync_all([item[1] for item in logged])
-            for (index, session, ids, state, stats), end in zip(logged, ends, strict=True):
-                if isinstance(end, Exception):
-                    results[index] = end
                     continue
+                state, stats = stepped
                 session.apply(ids, state)
-                results[index] = session.acknowledge(ids, stats, end)
+                result = session.acknowledge(ids, stats, logged.end)
+                results[index] = result
+                applied.append((index, session, logged, result))
+            if durable is None:
+                for index, outcome in self._settle(applied, locked=True):
+                    results[index] = outcome
+            elif applied:
+                self._acks.submit(self._acknowledge, applied, durable)
         finally:
             for session in held:
                 books.release(session)
+
+    def _acknowledge(self, applied: list[Applied], durable: Durable) -> None:
+        """The acknowledging thread's part of a round (module docstring)."""
+        for index, outcome in self._settle(applied, locked=False):
+            try:
+                durable(index, outcome)
+            except Exception:
+                log.exception("append_acknowledgement_failed", index=index)
+
+    def _settle(self, applied: list[Applied], *, locked: bool) -> list[tuple[int, Outcome]]:
+        """Syncs the round's logs and checks their claims: each item's result or error.
+        A failed session is unloaded, under its lock (``locked``: held already)."""
+
+        def durable(item: Applied) -> Exception | None:
+            try:
+                item[1].make_durable(item[2])
+                return None
+            except Exception as error:
+                return error
+
+        if len(applied) == 1:
+            errors = [durable(applied[0])]
+        else:
+            errors = list(self._sync_pool.map(durable, applied))
+        out: list[tuple[int, Outcome]] = []
+        for (index, session, logged, result), error in zip(applied, errors, strict=True):
+            if error is None:
+                out.append((index, result))
+                continue
+            if not locked:
+                self._env.books.acquire(session)
+            try:
+                failure = session.failed(logged, error)
+            finally:
+                if not locked:
+                    self._env.books.release(session)
+            out.append((index, failure if isinstance(failure, Exception) else error))
+        return out
 
     def _step(
         self, ready: list[tuple[int, LiveSession, Tensor, ModelState]]
@@ -122,16 +185,3 @@ class BatchAppender:
             except Exception as error:
                 alone.append(error)
         return alone
-
-    def _sync_all(self, sessions: list[LiveSession]) -> list[int | Exception]:
-        """``LiveSession.sync`` of several logs at once; each one's end offset or error."""
-
-        def sync(session: LiveSession) -> int | Exception:
-            try:
-                return session.sync()
-            except Exception as error:
-                return error
-
-        if len(sessions) == 1:
-            return [sync(sessions[0])]
-        return list(self._sync_pool.map(sync, sessions))

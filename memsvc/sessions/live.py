@@ -9,13 +9,18 @@ manager's ``Books.holding``), so one call at a time changes it.
 
 The append path: ``append`` writes the tokens' log record, fsyncs it, checks
 the claim, and only then makes the new state the session's (and checkpoints
-when a mark is crossed). The batched path (``batch.py``) runs the same three
-steps, syncing many logs at once. A state that went non-finite is never
-applied: ``roll_back`` unloads the session, so its next use restores the last
-finite state: the one in memory, which the engine never changed in place,
-unless that state itself is not finite (damaged in memory), in which case
-the session is unloaded and its next use restores it from disk (checkpoint
-plus log: everything acknowledged).
+when a mark is crossed). The batched path (``batch.py``) writes the records,
+makes the new states the sessions', and syncs many logs at once, either
+before it returns or, for the server, on a thread of its own while the next
+appends are stepped (``Logged``, ``make_durable``): nothing is acknowledged
+before its record is durable and the claim is checked, and a failed sync
+unloads the session, dropping every state built on the record it lost.
+
+A state that went non-finite is never applied: ``roll_back`` unloads the
+session, so its next use restores the last finite state: the one in memory,
+which the engine never changed in place, unless that state itself is not
+finite (damaged in memory), in which case the session is unloaded and its next
+use restores it from disk (checkpoint plus log: everything acknowledged).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from memsvc.sessions.ownership import LeaseLostError, LeaseTakenError, Ownership
 from memsvc.sessions.residency import Books
 from memsvc.sessions.restore import Restored
 from memsvc.sessions.state_check import is_finite
-from memsvc.sessions.wal import CorruptWalHeaderError, WriteAheadLog, read_wal
+from memsvc.sessions.wal import CorruptWalHeaderError, WalError, WriteAheadLog, read_wal
 from memsvc.store.errors import StaleFenceError
 from memsvc.store.models import EventKind
 
@@ -72,6 +77,15 @@ class SessionEnv:
         lease = self.ownership.lease(session_id)
         assert lease is not None
         return Claim(lease.fence, self.config.node_id, self.incarnation)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A log record written, not yet known durable: what its acknowledgement waits for."""
+
+    wal: WriteAheadLog
+    claim: Claim | None  # the claim it was written under, checked once it is durable
+    end: int  # the log's offset just past it
 
 
 @dataclass(eq=False)
@@ -155,8 +169,15 @@ class LiveSession:
         self.state = state
 
     def unload(self, *, release: bool = True) -> None:
-        """Forgets the in-memory state and closes the log (everything in it is durable)."""
+        """Forgets the in-memory state and closes the log, synced first: records whose
+        acknowledgement is still on its way become durable (``Logged``), and the
+        next restore replays them. A log that cannot sync is closed as it is: the
+        acknowledgements waiting on it hear its error."""
         if self.wal is not None:
+            try:
+                self.wal.flush_and_sync()
+            except (OSError, WalError) as error:
+                log.warning("wal_unsynced_at_unload", session=self.id, error=repr(error))
             self.wal.close()
         self.state, self.wal, self.claim = None, None, None
         self.position = None  # another node may move it on: read it from disk again
@@ -190,44 +211,55 @@ class LiveSession:
 
     def append(self, ids: Tensor, state: ModelState) -> int:
         """Logs the tokens durably, then makes ``state`` the session's; returns the log's end."""
-        self.log(ids)
-        end = self.sync()
+        logged = self.log(ids)
+        self.sync(logged)
         self.apply(ids, state)
-        return end
+        return logged.end
 
-    def log(self, ids: Tensor) -> None:
-        """Writes the tokens' log record (durable only after ``sync``)."""
+    def log(self, ids: Tensor) -> Logged:
+        """Writes the tokens' log record (durable only after ``sync`` or ``make_durable``)."""
         assert self.wal is not None and self.position is not None
         try:
-            self.wal.append(self.position, ids.cpu().numpy())
+            end = self.wal.append(self.position, ids.cpu().numpy())
         except BaseException:
             self.unload()  # a failed log refuses work until a restore reopens it
             raise
+        return Logged(self.wal, self.claim, end)
 
-    def sync(self) -> int:
-        """Makes the log durable and checks the claim still stands; returns its end offset."""
-        assert self.wal is not None
-        started = time.perf_counter()
+    def sync(self, logged: Logged) -> None:
+        """``make_durable`` with the session's lock held; on failure the session is unloaded
+        and the error raised (SessionMovedError if another node seized its files)."""
         try:
-            end = self.wal.flush_and_sync()
-        except BaseException:
+            self.make_durable(logged)
+        except BaseException as error:
+            failure = self.failed(logged, error)
+            if failure is error:
+                raise
+            raise failure from error
+
+    def make_durable(self, logged: Logged) -> None:
+        """Returns once ``logged`` is durable and the claim it was written under still
+        stands; raises otherwise (see ``failed``). Touches only the log and the owner
+        file, so it runs without the session's lock, beside later appends."""
+        if logged.wal.durable_offset < logged.end:
+            started = time.perf_counter()
+            logged.wal.sync_through(logged.end)
+            self.env.observer.observe_wal_sync(time.perf_counter() - started)
+        else:
+            logged.wal.sync_through(logged.end)  # closed since: raises unless it synced
+        if logged.claim is not None:
+            self.env.repository.owner(self.id).check(logged.claim)
+
+    def failed(self, logged: Logged, error: BaseException) -> BaseException:
+        """After ``make_durable`` raised: unloads the state that holds the lost record
+        (unless a restore replaced it since), and returns the error its append hears.
+        Call with the session's lock held."""
+        if self.wal is logged.wal:
             self.unload()
-            raise
-        self.env.observer.observe_wal_sync(time.perf_counter() - started)
-        self._check_claim()
-        return end
-
-    def _check_claim(self) -> None:
-        """SessionMovedError (the state dropped, nothing acknowledged) if another node seized
-        the session's files; read after each fsync, before anything is acknowledged."""
-        if self.claim is None:
-            return
-        try:
-            self.env.repository.owner(self.id).check(self.claim)
-        except FencedOutError as error:
+        if isinstance(error, FencedOutError):
             log.warning("session_fenced_out", session=self.id, reason=str(error))
-            self.unload()
-            raise self.env.ownership.moved(self.id) from error
+            return self.env.ownership.moved(self.id)
+        return error
 
     def apply(self, ids: Tensor, state: ModelState) -> None:
         """Makes ``state`` the session's once its tokens are durable."""

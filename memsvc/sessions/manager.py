@@ -84,7 +84,7 @@ from memsvc.sessions.api import (
     StateRolledBackError,
     Tier,
 )
-from memsvc.sessions.batch import BatchAppender, Item
+from memsvc.sessions.batch import BatchAppender, Durable, Item
 from memsvc.sessions.config import ManagerConfig
 from memsvc.sessions.durability import SessionRepository, StateIdentity
 from memsvc.sessions.fencing import Claim
@@ -226,6 +226,7 @@ class SessionManager:
         items: Sequence[
             tuple[str, str, Sequence[int]] | tuple[str, str, Sequence[int], int | None]
         ],
+        durable: Durable | None = None,
     ) -> list[AppendResult | Exception]:
         """Appends to many sessions with batched engine steps; per-item errors are returned.
 
@@ -233,6 +234,13 @@ class SessionManager:
         session are applied in order (one per engine step); the results equal
         appending the items one by one (``batch.py``). An item whose update goes
         non-finite gets StateRolledBackError; the other items are unaffected.
+
+        Without ``durable`` every result is final: durable, or the item's error.
+        With it, the logs sync on another thread while the caller goes on: an
+        item's AppendResult here means applied (later appends build on it) but
+        not yet acknowledged, and ``durable(index, outcome)`` follows once per
+        such item, from that thread, in order: the same result, or the error
+        that lost it. An error here is final and gets no call.
         """
         self._check_open()
         results: list[AppendResult | Exception | None] = [None] * len(items)
@@ -249,7 +257,7 @@ class SessionManager:
                 )
             except Exception as error:
                 results[index] = error
-        self._batches.run(prepared, results)
+        self._batches.run(prepared, results, durable)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
@@ -490,8 +498,9 @@ class SessionManager:
             if self._closed:
                 return
             self._closed = True
-        sessions = self._books.all()
         self._maintenance.stop()
+        self._batches.close()  # the acknowledgements on their way first
+        sessions = self._books.all()
         for session in sessions:
             if not self._books.acquire(session, timeout=self.config.lease_ttl_ms / 1000):
                 log.error("session_busy_at_close", session=session.id)
@@ -502,7 +511,6 @@ class SessionManager:
                     session.unload()
             finally:
                 self._books.release(session)
-        self._batches.close()
         self._repository.close()
         log.info("session_manager_closed", sessions=len(sessions))
 

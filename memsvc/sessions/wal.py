@@ -32,7 +32,11 @@ new ones, before anything is acknowledged.
 Group commit: ``append`` only writes (the bytes reach the page cache, so they
 survive ``kill -9``); ``flush_and_sync`` makes everything appended so far
 durable with one fsync (the manager syncs many sessions' logs at once, so
-their fsyncs share the disk's flushes).
+their fsyncs share the disk's flushes). The server syncs on a thread of its
+own while the next records are written (``sync_through``): one fsync covers
+every record written before it began. After a failed fsync the log refuses all
+further use, so a later fsync can never report a record durable that the
+failed one lost.
 """
 
 from __future__ import annotations
@@ -379,6 +383,20 @@ class WriteAheadLog:
                 self._sync_count += 1
                 self._durable_offset = end
             return self._durable_offset
+
+    def sync_through(self, offset: int) -> int:
+        """Makes the log durable at least up to ``offset`` and returns the durable offset.
+
+        Returns at once when an earlier fsync covered it, even if the log was
+        closed since (``close`` after a ``flush_and_sync``, as ``LiveSession.unload``
+        does): an acknowledgement that waited for this record may still be
+        sent. Otherwise as ``flush_and_sync``: a log that failed or closed first
+        raises, and the record is not durable.
+        """
+        with self._sync_lock:
+            if self._durable_offset >= offset:
+                return self._durable_offset
+        return self.flush_and_sync()
 
     def replay(self, from_offset: int | None = None) -> WalReader:
         """The records from ``from_offset`` (default: the oldest kept); see WalReader."""

@@ -17,6 +17,7 @@ from memsvc.sessions.wal import (
     HEADER_SIZE,
     CorruptWalHeaderError,
     DamageKind,
+    WalError,
     WalSequenceError,
     WalTruncatedError,
     WriteAheadLog,
@@ -243,6 +244,20 @@ def test_flush_and_sync_only_syncs_new_records(tmp_path: Path) -> None:
         assert wal.durable_offset == 0
         assert wal.flush_and_sync() == end and wal.sync_count == 1
         assert wal.flush_and_sync() == end and wal.sync_count == 1
+
+
+def test_sync_through_answers_for_records_synced_before_the_log_closed(tmp_path: Path) -> None:
+    wal = WriteAheadLog.open(tmp_path / "s.wal")
+    first = wal.append(0, [1, 2])
+    assert wal.sync_through(first) == first and wal.sync_count == 1
+    second = wal.append(2, [3])
+    assert wal.sync_through(first) == first and wal.sync_count == 1  # covered already
+    wal.flush_and_sync()
+    third = wal.append(3, [4])
+    wal.close()  # without syncing the third
+    assert wal.sync_through(second) == second  # synced before the close: durable
+    with pytest.raises(WalError, match="closed"):
+        wal.sync_through(third)  # never synced: not durable, and the log cannot sync it
 
 
 _CHILD = """
