@@ -49,7 +49,7 @@ from memsvc.server.fairness import FairShare
 from memsvc.server.generations import GenerateRun, QueryRun, Run
 from memsvc.server.ordering import SessionOrder
 from memsvc.server.status import DeadlineExceededError
-from memsvc.sessions.api import AppendResult, QuotaExceededError
+from memsvc.sessions.api import AppendResult, QuotaExceededError, SessionBusyError
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -61,6 +61,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+_BROKEN = "an append sent before this one on the stream failed, so this one was not applied"
 DEADLINE_MARGIN_S = 0.5  # at most this (and 20% of the timeout) before an append's deadline
 
 
@@ -88,12 +89,49 @@ class _Append:
     done: asyncio.Future[AppendResult]
     deadline: float | None  # time.monotonic() after which nobody waits for it
     received: float  # time.monotonic() when it was queued
-    applied: int = 0  # tokens durable so far
-    result: AppendResult | None = None  # of the last applied segment
+    applied: int = 0  # tokens stepped and logged (the next segment starts here)
+    position: int | None = None  # the session's, after them: where the next segment must go
+    # Below: under the scheduler's lock (the acknowledging thread changes them too).
+    durable: int = 0  # tokens durable so far
+    syncing: int = 0  # segments applied, waiting for their log's fsync
+    result: AppendResult | None = None  # of the last durable segment
+    error: Exception | None = None  # a segment failed: what the caller hears
+    late: bool = False  # its deadline passed or its caller left: no more segments
+    answered: bool = False
     abandoned: bool = False  # the caller is gone
+    # The append sent before it on the same stream (`AppendChain`), until it is taken.
+    after: _Append | None = None
+    chain: AppendChain | None = field(default=None, repr=False)
 
     def expired(self, now: float) -> bool:
         return self.abandoned or (self.deadline is not None and now >= self.deadline)
+
+    def blocked(self) -> bool:
+        """Its stream's append before it is not all applied yet (lock held)."""
+        before = self.after
+        return before is not None and before.applied < len(before.tokens)
+
+    def broken(self) -> bool:
+        """An append before it on its stream failed, ran late or was dropped: it must not
+        go in, or the stream would have a gap (lock held)."""
+        before = self.after
+        return before is not None and (before.error is not None or before.late or before.abandoned)
+
+
+class AppendChain:
+    """One stream's appends, sent without waiting for each other's answers: each goes in
+    only after the one before it is applied, at the position that one left (so
+    nothing jumps ahead), and not at all once one before it failed (``broken``,
+    also set by the stream for a request refused before it reached the scheduler).
+    Used on the event loop and, under the scheduler's lock, by the model thread."""
+
+    def __init__(self) -> None:
+        self.last: _Append | None = None
+        self.broken = False
+
+
+class ChainBrokenError(SessionBusyError):
+    """An append sent behind one that failed on the same stream; it was not applied."""
 
 
 @dataclass
@@ -126,6 +164,7 @@ class Scheduler:
         self._runs: list[Run] = []
         self._jobs: deque[Callable[[], None]] = deque()
         self._running: dict[str, int] = {}  # runs per tenant (event loop)
+        self._syncing = 0  # applied segments waiting for their fsync (under _wake)
         self._closing = False
         self._thread = threading.Thread(target=self._work, name="memsvc-model", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,10 +182,14 @@ class Scheduler:
         tokens: Sequence[int],
         timeout_s: float | None,
         expected_position: int | None = None,
+        chain: AppendChain | None = None,
     ) -> AppendResult:
         """Appends in segments that take turns with other work; returns once all are durable.
         Past timeout_s: DeadlineExceededError saying how many tokens went in (see
-        `PartialAppendError`). expected_position: see SessionManager.append."""
+        `PartialAppendError`). expected_position: see SessionManager.append. chain:
+        the stream's appends in flight together (`AppendChain`)."""
+        if chain is not None and chain.broken:
+            raise ChainBrokenError(_BROKEN)
         loop = self._event_loop()
         now = time.monotonic()
         done: asyncio.Future[AppendResult] = loop.create_future()
@@ -161,11 +204,12 @@ class Scheduler:
             done,
             None if timeout_s is None else now + timeout_s - margin,
             now,
+            chain=chain,
         )
         queued = False
         try:
             await self._order.append(session_id, done)
-            self._submit(lambda: self._appends.setdefault(tenant_id, deque()).append(item))
+            self._submit(lambda: self._queue(item))
             queued = True
             return await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -305,7 +349,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing queued or running (the server has gone quiet)."""
         with self._wake:
-            return not (self._runs or self._jobs or any(self._appends.values()))
+            return not (self._runs or self._jobs or self._syncing or any(self._appends.values()))
 
     async def close(self) -> None:
         """Finishes the queued work, then stops the model thread (after the server stopped)."""
@@ -325,6 +369,12 @@ class Scheduler:
     def _poke(self) -> None:
         """Wakes the model thread: a run may be stepped or stopped."""
         self._submit(_nothing)
+
+    def _queue(self, item: _Append) -> None:
+        """Puts an append in its tenant's line, behind its stream's last (lock held)."""
+        if item.chain is not None:
+            item.after, item.chain.last = item.chain.last, item
+        self._appends.setdefault(item.tenant_id, deque()).append(item)
 
     def _submit(self, change: Callable[[], object]) -> None:
         with self._wake:
@@ -364,13 +414,22 @@ class Scheduler:
         now = time.monotonic()
         with self._wake:
             expired_appends = [
-                a for q in self._appends.values() for a in q if a.expired(now) or a.done.done()
+                a
+                for q in self._appends.values()
+                for a in q
+                if a.expired(now) or a.done.done() or a.broken()
             ]
+            answers = []
             for item in expired_appends:
                 self._appends[item.tenant_id].remove(item)
+                if item.broken():
+                    item.error = ChainBrokenError(_BROKEN)
+                item.late = True
+                answers.append((item, self._verdict(item)))
             expired_runs = [run for run in self._runs if run.expired(now)]
-        for item in expired_appends:
-            self._settle(item, _late(item))
+        for item, answer in answers:
+            if answer is not None:
+                self._settle(item, answer)
         for run in expired_runs:
             run.stop()  # a Generate commits here, before the server counts as idle
         with self._wake:
@@ -443,6 +502,9 @@ class Scheduler:
             for session_id in list(lines):
                 line = lines[session_id]
                 item = line[0]
+                if item.blocked():  # its stream's append before it goes in first
+                    del lines[session_id]
+                    continue
                 left = len(item.tokens) - item.applied - taken.get(item, 0)
                 tokens = min(left, self.config.segment_tokens)
                 taken[item] = taken.get(item, 0) + tokens
@@ -453,34 +515,83 @@ class Scheduler:
                 yield item, tokens
 
     def _apply(self, picked: dict[_Append, int]) -> None:
-        """The step's appends in one batched call; each job's taken segments are one item."""
+        """The step's appends in one batched call; each job's taken segments are one item.
+        Applied segments are answered from the acknowledging thread once durable
+        (``_durable``), while this thread goes on with the next step."""
         jobs = list(picked)
         items = [
             (
                 job.tenant_id,
                 job.session_id,
                 job.tokens[job.applied : job.applied + picked[job]],
-                job.expected_position if job.applied == 0 else None,
+                job.position if job.applied else _expected(job),
             )
             for job in jobs
         ]
+        for job in jobs:
+            job.after = None  # taken: what came before it is settled (and may be freed)
+        with self._wake:  # before the call: an acknowledgement may come before it returns
+            for job in jobs:
+                job.syncing += 1
+            self._syncing += len(jobs)
+
+        def durable(index: int, outcome: AppendResult | Exception) -> None:
+            self._durable(jobs[index], picked[jobs[index]], outcome)
+
         try:
-            results = self._manager.append_many(items)
+            results = self._manager.append_many(items, durable)
         except Exception as error:  # the whole step failed: each caller hears why
             log.exception("append_step_failed", appends=len(items))
             results = [error] * len(items)
         for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, Exception):
-                with self._wake:
+            with self._wake:
+                if isinstance(result, Exception):  # final: no acknowledgement follows
+                    job.syncing -= 1
+                    self._syncing -= 1
+                    job.error = job.error or result
                     self._drop(job)
-                self._settle(job, result)
-                continue
-            job.applied += picked[job]
-            job.result = result
-            if job.applied == len(job.tokens):
-                with self._wake:
-                    self._drop(job)
-                self._settle(job, dataclasses.replace(result, appended=job.applied))
+                else:
+                    job.applied += picked[job]
+                    job.position = result.position
+                    if job.applied == len(job.tokens):
+                        self._drop(job)
+                answer = self._verdict(job)
+            if answer is not None:
+                self._settle(job, answer)
+
+    def _durable(self, job: _Append, tokens: int, outcome: AppendResult | Exception) -> None:
+        """A segment of ``job`` is durable (``outcome``: its result) or lost (the error);
+        on the acknowledging thread, in the order the segments were applied."""
+        with self._wake:
+            job.syncing -= 1
+            self._syncing -= 1
+            if isinstance(outcome, Exception):
+                job.error = job.error or outcome
+                self._drop(job)
+            else:
+                job.durable += tokens
+                job.result = outcome
+            answer = self._verdict(job)
+            self._wake.notify()
+        if answer is not None:
+            self._settle(job, answer)
+
+    def _verdict(self, job: _Append) -> AppendResult | Exception | None:
+        """What the caller hears, once no segment of its append is on its way and the
+        append is done, failed or late; None until then, or once answered (lock held)."""
+        if job.answered or job.syncing:
+            return None
+        if job.error is not None:
+            answer: AppendResult | Exception = job.error
+        elif job.durable == len(job.tokens):
+            assert job.result is not None
+            answer = dataclasses.replace(job.result, appended=job.durable)
+        elif job.late:
+            answer = _late(job)
+        else:
+            return None
+        job.answered = True
+        return answer
 
     def _drop(self, job: _Append) -> None:
         line = self._appends.get(job.tenant_id)
@@ -494,12 +605,13 @@ class Scheduler:
         if self._guards is not None and isinstance(outcome, AppendResult):
             seconds = time.monotonic() - job.received
             guards = self._guards
-            with self._wake:
-                self._jobs.append(
+            self._submit(
+                lambda: self._jobs.append(
                     lambda: _logging_errors(
                         guards.observe, job.tenant_id, outcome, seconds, job.tokens
                     )
                 )
+            )
 
 
 class PartialAppendError(DeadlineExceededError):
@@ -527,14 +639,22 @@ class _Counted:
             del self._running[self._tenant_id]
 
 
+def _expected(job: _Append) -> int | None:
+    """Where an append's first segment must go: where its caller said, else where the
+    append before it on its stream left the session (None: anywhere)."""
+    if job.expected_position is not None:
+        return job.expected_position
+    return job.after.position if job.after is not None else None
+
+
 def _late(job: _Append) -> Exception:
-    if job.applied == 0:
+    if job.durable == 0:
         return DeadlineExceededError("the deadline passed before the append was applied")
     position = job.result.position if job.result is not None else "?"
     return PartialAppendError(
-        f"the deadline passed after {job.applied} of the append's {len(job.tokens)} tokens "
+        f"the deadline passed after {job.durable} of the append's {len(job.tokens)} tokens "
         f"went in (durable; the session is at position {position}); append the rest",
-        job.applied,
+        job.durable,
     )
 
 

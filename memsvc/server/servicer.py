@@ -8,7 +8,7 @@ raised, and `status.rpc` turns them into status codes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -22,7 +22,8 @@ from memsvc.server import convert
 from memsvc.server.auth import Authenticator, Tenant
 from memsvc.server.guards import StreamGuards
 from memsvc.server.limits import Limits, RateLimiter, checked_tokens
-from memsvc.server.scheduler import PartialAppendError, Scheduler
+from memsvc.server.read_ahead import ReadAhead
+from memsvc.server.scheduler import AppendChain, PartialAppendError, Scheduler
 from memsvc.server.status import ShuttingDownError, check_deadline, rpc
 from memsvc.sessions.api import AppendResult, InvalidRequestError
 
@@ -126,27 +127,38 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         await asyncio.to_thread(self._manager.prefetch, tenant.tenant_id, session_id)
         info = await asyncio.to_thread(self._manager.get, tenant.tenant_id, session_id)
         yield pb.StreamResponse(request_id=first.request_id, opened=convert.session(info))
+
+        def append(request: pb.StreamRequest, chain: AppendChain) -> Awaitable[AppendResult]:
+            deadline = check_deadline(context)
+            return self._append(tenant, session_id, request.append, "append", deadline, chain)
+
         async with _ShutdownWatch(self._stopping) as watch:
-            while (request := await watch.next(requests)) is not None:
-                rid, op = request.request_id, request.WhichOneof("op")
-                if op == "append":
-                    result = await self._append(
-                        tenant, session_id, request.append, "append", check_deadline(context)
-                    )
-                    yield pb.StreamResponse(request_id=rid, ack=convert.append_ack(result))
-                elif op == "query":
-                    answer = await self._query(tenant, session_id, request.query, context)
-                    yield pb.StreamResponse(request_id=rid, answer=answer)
-                elif op == "generate":
-                    generated = self._generate(tenant, session_id, request.generate, context)
-                    async for message in generated:
-                        yield pb.StreamResponse(request_id=rid, generated=message)
-                else:
-                    raise InvalidRequestError(
-                        f"request {rid}: `open` may only be the first request"
-                        if op == "open"
-                        else f"request {rid} sets no op (append, query or generate)"
-                    )
+            ahead = ReadAhead(requests, watch, append)
+            try:
+                while (entry := await ahead.next()) is not None:
+                    request, appended = entry
+                    rid, op = request.request_id, request.WhichOneof("op")
+                    if appended is not None:
+                        result = await appended
+                        ahead.answered()
+                        yield pb.StreamResponse(request_id=rid, ack=convert.append_ack(result))
+                        continue
+                    if op == "query":
+                        answer = await self._query(tenant, session_id, request.query, context)
+                        yield pb.StreamResponse(request_id=rid, answer=answer)
+                    elif op == "generate":
+                        generated = self._generate(tenant, session_id, request.generate, context)
+                        async for message in generated:
+                            yield pb.StreamResponse(request_id=rid, generated=message)
+                    else:
+                        raise InvalidRequestError(
+                            f"request {rid}: `open` may only be the first request"
+                            if op == "open"
+                            else f"request {rid} sets no op (append, query or generate)"
+                        )
+                    ahead.resume()
+            finally:
+                ahead.close()
 
     # ---- durability, export, import, fork ----------------------------------------------
 
@@ -220,13 +232,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         message: pb.Input,
         what: str,
         timeout_s: float | None,
+        chain: AppendChain | None = None,
     ) -> AppendResult:
         tokens = checked_tokens(message, self._limits, what)
         expected = message.expected_position if message.HasField("expected_position") else None
         self._rate.take(tenant, len(tokens))
         try:
             return await self._scheduler.append(
-                tenant.tenant_id, session_id, tokens, timeout_s, expected
+                tenant.tenant_id, session_id, tokens, timeout_s, expected, chain
             )
         except PartialAppendError as error:  # its first segments went in
             self._rate.refund(tenant, len(tokens) - error.applied)

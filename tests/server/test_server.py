@@ -78,9 +78,9 @@ class RecordingManager(SessionManager):
 
     batches: list[int]
 
-    def append_many(self, items):
+    def append_many(self, items, durable=None):
         self.batches.append(len(items))
-        return super().append_many(items)
+        return super().append_many(items, durable)
 
 
 def test_appends_waiting_together_share_one_step(tmp_path: Path, engine: StreamingEngine) -> None:
