@@ -77,7 +77,9 @@ class MemoryState:
         return cls(weights=layers("weights"), momentum=layers("momentum"), **rest)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+        """Bytes of every tensor `to_dict` holds, counted without building it (on every append)."""
+        total = sum(t.nbytes for t in self.weights) + sum(t.nbytes for t in self.momentum)
+        return total + sum(getattr(self, name).nbytes for name in _SINGLE_TENSORS)
 
     def map(self, fn) -> MemoryState:
         """Apply fn to every tensor (device moves, clones, detach)."""
@@ -124,3 +126,8 @@ class MemoryState:
             step_scale=torch.full_like(self.step_scale, step_scale),
             forget_boost=torch.full_like(self.forget_boost, forget_boost),
         )
+
+
+_SINGLE_TENSORS = tuple(
+    f.name for f in fields(MemoryState) if f.name not in ("weights", "momentum")
+)

@@ -58,6 +58,9 @@ class AttentionCache:
     def from_dict(cls, data: dict[str, Tensor]) -> AttentionCache:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.query_tail.nbytes + self.key_tail.nbytes
+
 
 def rope_angles(positions: Tensor, dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin, each (L, dim / 2) in float64, of the RoPE angles for positions (L,)."""

@@ -57,7 +57,13 @@ class ModelState:
         )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+        """Bytes of every tensor `to_dict` holds, counted without building it (on every append)."""
+        total = self.position.nbytes
+        for block in self.blocks:
+            total += block.attention.nbytes()
+            if block.memory is not None:
+                total += block.memory.nbytes()
+        return total
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> ModelState:
         """Apply fn to every tensor (device moves, clones, detach)."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
+import torch
 
 from memsvc.engine import SamplingParams
 from memsvc.server.fairness import FairShare
@@ -84,11 +85,12 @@ class SchedulerConfig:
 class _Append:
     tenant_id: str
     session_id: str
-    tokens: Sequence[int]
+    tokens: Sequence[int]  # as sent (the guards read them)
     expected_position: int | None
     done: asyncio.Future[AppendResult]
     deadline: float | None  # time.monotonic() after which nobody waits for it
     received: float  # time.monotonic() when it was queued
+    ids: torch.Tensor  # the tokens as the engine takes them, made on the event loop
     applied: int = 0  # tokens stepped and logged (the next segment starts here)
     position: int | None = None  # the session's, after them: where the next segment must go
     # Below: under the scheduler's lock (the acknowledging thread changes them too).
@@ -204,6 +206,8 @@ class Scheduler:
             done,
             None if timeout_s is None else now + timeout_s - margin,
             now,
+            # Converted here, on the event loop, not on the model thread.
+            ids=torch.tensor(tokens, dtype=torch.int64),
             chain=chain,
         )
         queued = False
@@ -523,7 +527,7 @@ class Scheduler:
             (
                 job.tenant_id,
                 job.session_id,
-                job.tokens[job.applied : job.applied + picked[job]],
+                job.ids[job.applied : job.applied + picked[job]],
                 job.position if job.applied else _expected(job),
             )
             for job in jobs

@@ -102,6 +102,18 @@ def test_state_size_does_not_grow_with_the_stream() -> None:
     assert attention == fresh
 
 
+@pytest.mark.parametrize("overrides", [*MEMORIES, {"use_memory": False}])
+def test_state_nbytes_counts_every_tensor_of_the_state(overrides: dict) -> None:
+    model = small_model(1, **overrides)
+    g = torch.Generator().manual_seed(1)
+    state = model.init_state(2)
+    for length in (1, 3, 4, 9, 2):  # partial chunks of several sizes
+        _, state = model(torch.randint(0, 260, (2, length), generator=g), state)
+        for one in (state, *state.unstack()):
+            want = sum(t.numel() * t.element_size() for t in one.to_dict().values())
+            assert one.nbytes() == want
+
+
 def test_memory_can_be_switched_off_per_call() -> None:
     model = small_model(3)
     tokens = torch.randint(0, 256, (1, 20))
