@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.decode_step as decode_step
 from memsvc.engine import SamplingParams, StreamingEngine
 from memsvc.model.tokenizer import EOS_ID, N_BYTES
 from tests.state_asserts import assert_states_equal
@@ -81,7 +82,8 @@ def test_step_batch_equals_appending_one_by_one(engine: StreamingEngine) -> None
         )
 
 
-def test_step_batch_shares_forwards_between_sessions(engine: StreamingEngine) -> None:
+def test_step_batch_shares_forwards_between_sessions() -> None:
+    engine = StreamingEngine(tiny_model(0), max_segment=2 * CHUNK, decode_cpp=False)
     calls = []
     hook = engine.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
     try:
@@ -91,6 +93,35 @@ def test_step_batch_shares_forwards_between_sessions(engine: StreamingEngine) ->
         hook.remove()
     # four sessions at the same offset: one forward of batch 4 per max_segment piece
     assert calls == [(4, 2 * CHUNK), (4, 2 * CHUNK), (4, CHUNK)]
+
+
+def test_on_the_cpp_chunk_path_sessions_step_one_by_one(engine: StreamingEngine) -> None:
+    decode_step.load()
+    after_3 = engine.append(engine.init_state(), random_tokens(3, seed=9))[0]
+    states = [engine.init_state(), engine.init_state(), after_3, after_3]
+    new = [random_tokens(n, seed=10 + i) for i, n in enumerate((2 * CHUNK, 2 * CHUNK, 1, 1))]
+    calls = []
+    hook = engine.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    forward = engine._forward
+    engine._forward = lambda tokens, state: calls.append(tokens.shape) or forward(tokens, state)
+    try:
+        batched = engine.step_batch(states, new)
+    finally:
+        del engine._forward
+        hook.remove()
+    # Sessions 0 and 1 (and 2 and 3) share a round, but no batched eager forward runs
+    # (the model's hook would see a batch): each session's piece is one C++ call.
+    assert sorted(tuple(shape) for shape in calls) == [
+        (1, 1),
+        (1, 1),
+        (1, 2 * CHUNK),
+        (1, 2 * CHUNK),
+    ]
+    reference = StreamingEngine(engine.model, max_segment=2 * CHUNK, fast_decode=False)
+    for state, tokens, (got_state, got) in zip(states, new, batched, strict=True):
+        want_state, want = reference.append(state, tokens)
+        assert_states_equal(got_state, want_state, **TOL)
+        torch.testing.assert_close(got.last_logits, want.last_logits, **TOL)
 
 
 def test_a_session_alone_in_its_batch_takes_all_it_has_in_one_forward() -> None:
