@@ -159,6 +159,14 @@ class MemoryServiceServicer:
         then appends, queries and generations are served in the order they were
         sent, each answered with responses carrying its request_id. Any error ends
         the stream with its status code; everything acknowledged before stays.
+        Appends are taken ahead of their answers (up to 8 in flight): the next
+        one may be applied while the last one's log is still being made durable,
+        but each is answered only once durable, in order, and each is applied at
+        the position the one before it left. No append sent after a failed one is
+        applied. One applied but not yet answered when the stream broke (the
+        client or the connection went away) still becomes durable unless its log
+        fails: `opened.position` of the next stream says where the session is. A query or generate waits for
+        every append sent before it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
