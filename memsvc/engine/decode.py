@@ -46,6 +46,9 @@ class StopRule:
         token; it is only asked for when a stop sequence may need to undo the token."""
         if token == EOS_ID:
             return Verdict(self._flush(), "eos", False, None)
+        if not self.stops:  # nothing is ever held back: the general path's answer, quicker
+            self.remaining -= 1
+            return Verdict([token], "length" if self.remaining == 0 else None, True, None)
         self.held.append((token, None))
         ids = [t for t, _ in self.held]
         matched = max((len(s) for s in self.stops if ids[-len(s) :] == s), default=0)

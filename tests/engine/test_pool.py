@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from memsvc.engine import DecodePool, NoTokenYet, SamplingParams, StreamingEngine
+from memsvc.engine.decode import StopRule
 from memsvc.memory import NonFiniteStateError
 from memsvc.model import ModelState
+from memsvc.model.tokenizer import EOS_ID, N_BYTES
 from tests.state_asserts import assert_states_equal
 
 from .conftest import CHUNK, random_tokens
@@ -163,3 +165,20 @@ def test_join_checks_its_arguments(engines) -> None:
     assert len(pool) == 0
     with pytest.raises(ValueError, match="ahead"):
         type(pool)(fast, ahead=0)
+
+
+def test_stop_rule_without_stops_answers_as_the_general_path() -> None:
+    # A rule with a stop sequence that can never match runs the general path (held-back
+    # prefixes, matching); without stops the rule answers at once: the same verdicts.
+    generator = torch.Generator().manual_seed(4)
+    for limit in (1, 5, 40):
+        tokens = torch.randint(0, EOS_ID + 2, (limit,), generator=generator).tolist()  # EOS too
+        fast = StopRule(SamplingParams(max_new_tokens=limit))
+        general = StopRule(SamplingParams(max_new_tokens=limit))
+        general.stops = [[N_BYTES + 7, N_BYTES + 8]]  # ids no sampled token takes
+        for token in tokens:
+            got = fast.accept(token, lambda: None)
+            want = general.accept(token, lambda: None)
+            assert got == want
+            if got.finish_reason is not None:
+                break
