@@ -12,17 +12,18 @@ after the other on the same model and threads:
              `memsvc serve` child process; one stream per session with
              `window` appends in flight.
 
-Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine:
-one batched step; grpc: from sending an append to its acknowledgement), and
-the goals of docs/ARCHITECTURE.md ("Goals"): 1 session through gRPC >= 80% of in-process,
-32 sessions >= 4x the aggregate of 1. With `--repeats N` the sweep runs N
-times, alternating the paths; a row shows each path's median-throughput run and
+Reported: aggregate tokens/s for both, p50 / p99 latency of an append (engine: one
+batched step; grpc: from sending an append to its acknowledgement), the disk's
+fdatasync of a log-record-sized write beside them (its share of an acknowledgement),
+and the goals of docs/ARCHITECTURE.md ("Goals"): 1 session through gRPC >= 80% of
+in-process, 32 sessions >= 4x the aggregate of 1. With `--repeats N` the sweep runs
+N times, alternating the paths; a row shows each path's median-throughput run and
 the median of the paired gRPC / engine ratios (short runs on a shared machine
-scatter by tens of percent). Batching can only gain where one
-session leaves the cores idle: with large appends a single stream already
-fills them, and the engine's own N-session row is the ceiling. The client
-runs on the same cores as the server, and so does anything else on the
-machine: see cpu_count and load_average in the report.
+scatter by tens of percent). Batching can only gain where one session leaves the
+cores idle: with large appends a single stream already fills them, and the engine's
+own N-session row is the ceiling. The client runs on the same cores as the server,
+and so does anything else on the machine: see cpu_count and load_average in the
+report.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as tmp:
         engine_runs, grpc_runs = asyncio.run(_runs(args, Path(tmp)))
+        fsync = disk_fsync(Path(tmp))
     report = _report(args, engine_runs, grpc_runs, (load_before, os.getloadavg()[0]))
+    report["disk_fsync_ms"] = fsync
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -249,6 +252,26 @@ def _report(
     }
 
 
+def disk_fsync(directory: Path, records: int = 200, size: int = 300) -> dict[str, float]:
+    """The disk's own share of an acknowledgement: p50 / p99 ms of appending a ``size``-byte
+    record to a file in ``directory`` (the server's data directory) and fdatasync-ing it,
+    as the server's log does for a 64-token append."""
+    times = []
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(records):
+            os.write(fd, b"\0" * size)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(1000 * (time.perf_counter() - started))
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {"p50": times[len(times) // 2], "p99": times[int(0.99 * (len(times) - 1))]}
+
+
 def run_context(args: argparse.Namespace, load_average: tuple[float, float]) -> dict:
     """What a serving benchmark ran on: model, threads, cores and how busy they were."""
     return {
@@ -295,6 +318,11 @@ def _print(report: dict) -> None:
     console.print(table)
     before, after = report["load_average"]
     console.print(f"load average {before:.1f} -> {after:.1f} on {report['cpu_count']} cores")
+    fsync = report["disk_fsync_ms"]
+    console.print(
+        f"the disk's fdatasync of a log record (in the server's data directory): "
+        f"p50 {fsync['p50']:.2f} ms, p99 {fsync['p99']:.2f} ms"
+    )
     for name, goal in report["goals"].items():
         verdict = "[green]met[/]" if goal["met"] else "[red]not met[/]"
         console.print(f"{name}: {goal['value']:.2f} (goal >= {goal['goal']}): {verdict}")

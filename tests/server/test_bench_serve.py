@@ -27,6 +27,8 @@ def test_bench_serve_reports_both_paths(
             assert 0 < row[path]["p50_ms"] <= row[path]["p99_ms"]
     assert report["goals"]["single_session_grpc_vs_engine"]["goal"] == 0.8
     assert "grpc_32_vs_1_sessions" not in report["goals"]  # 32 sessions were not run
+    fsync = report["disk_fsync_ms"]  # the disk's part of an acknowledgement, beside it
+    assert 0 < fsync["p50"] <= fsync["p99"]
 
 
 def test_bench_serve_neighbour_reports_b_alone_and_beside_a(
