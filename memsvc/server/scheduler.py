@@ -534,13 +534,16 @@ class Scheduler:
         ]
         for job in jobs:
             job.after = None  # taken: what came before it is settled (and may be freed)
+        # Each job is counted as syncing once until its answer comes, whichever comes
+        # first: the acknowledgement, or an error returned (or raised) here.
+        unsettled = set(jobs)
         with self._wake:  # before the call: an acknowledgement may come before it returns
             for job in jobs:
                 job.syncing += 1
             self._syncing += len(jobs)
 
         def durable(index: int, outcome: AppendResult | Exception) -> None:
-            self._durable(jobs[index], picked[jobs[index]], outcome)
+            self._durable(jobs[index], picked[jobs[index]], outcome, unsettled)
 
         try:
             results = self._manager.append_many(items, durable)
@@ -549,9 +552,11 @@ class Scheduler:
             results = [error] * len(items)
         for job, result in zip(jobs, results, strict=True):
             with self._wake:
-                if isinstance(result, Exception):  # final: no acknowledgement follows
-                    job.syncing -= 1
-                    self._syncing -= 1
+                if isinstance(result, Exception):  # final: no acknowledgement counts now
+                    if job in unsettled:
+                        unsettled.discard(job)
+                        job.syncing -= 1
+                        self._syncing -= 1
                     job.error = job.error or result
                     self._drop(job)
                 else:
@@ -563,10 +568,20 @@ class Scheduler:
             if answer is not None:
                 self._settle(job, answer)
 
-    def _durable(self, job: _Append, tokens: int, outcome: AppendResult | Exception) -> None:
+    def _durable(
+        self,
+        job: _Append,
+        tokens: int,
+        outcome: AppendResult | Exception,
+        unsettled: set[_Append],
+    ) -> None:
         """A segment of ``job`` is durable (``outcome``: its result) or lost (the error);
-        on the acknowledging thread, in the order the segments were applied."""
+        on the acknowledging thread, in the order the segments were applied. Ignored
+        when its step already answered the job with an error (``_apply``)."""
         with self._wake:
+            if job not in unsettled:
+                return
+            unsettled.discard(job)
             job.syncing -= 1
             self._syncing -= 1
             if isinstance(outcome, Exception):
