@@ -241,12 +241,10 @@ class LiveSession:
         """Returns once ``logged`` is durable and the claim it was written under still
         stands; raises otherwise (see ``failed``). Touches only the log and the owner
         file, so it runs without the session's lock, beside later appends."""
-        if logged.wal.durable_offset < logged.end:
+        if logged.wal.durable_offset < logged.end:  # else an earlier fsync covered it
             started = time.perf_counter()
             logged.wal.sync_through(logged.end)
             self.env.observer.observe_wal_sync(time.perf_counter() - started)
-        else:
-            logged.wal.sync_through(logged.end)  # closed since: raises unless it synced
         if logged.claim is not None:
             self.env.repository.owner(self.id).check(logged.claim)
 

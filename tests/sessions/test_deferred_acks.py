@@ -21,7 +21,7 @@ Outcome = AppendResult | Exception
 
 
 class Acks:
-    """Collects ``durable`` calls; ``hold`` blocks the acknowledging thread until released."""
+    """Collects ``durable`` calls; a cleared ``gate`` holds the acknowledging thread until set."""
 
     def __init__(self) -> None:
         self.calls: queue.Queue[tuple[int, Outcome, str]] = queue.Queue()
