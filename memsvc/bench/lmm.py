@@ -4,6 +4,9 @@ Work per config: one stream (batch 1, float32) of `tokens` tokens fed as
 64-token calls with the state carried between calls, and `stream_tokens`
 tokens fed one at a time. Both implementations are timed by the same helper
 (median of repeats after a warm-up), in the same process, one after the other.
+Beside the 64-token calls, the GEMM floor (memsvc/bench/lmm_floor.py): the call's
+matrix products alone, the most this chunk algorithm can do on this CPU, and its
+ratio to the peer, the most the ratio can be here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from memsvc.bench.lmm_floor import gemm_floor
 from memsvc.bench.timing import peak_tensor_bytes, time_median
 from memsvc.memory import MemoryConfig, NeuralMemory
 from memsvc.runtime import tune_allocator
@@ -33,7 +37,8 @@ class Row:
     finite: bool  # every output of the stream is finite
 
 
-def _ours(dim: int, optimizer: str = "momentum") -> NeuralMemory:
+def bench_memory(dim: int, optimizer: str = "momentum") -> NeuralMemory:
+    """The memory both sides of the benchmark stand for: depth 2, expansion 4, one head."""
     cfg = MemoryConfig(
         dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK, optimizer=optimizer
     )
@@ -52,7 +57,7 @@ def _measure(
     impl: str, dim: int, segment: int, x: torch.Tensor, repeats: int, threads: int, optimizer: str
 ) -> Row:
     if impl == "memsvc":
-        memory = _ours(dim, optimizer)
+        memory = bench_memory(dim, optimizer)
 
         def run():
             return _stream_ours(memory, x, segment)
@@ -111,12 +116,15 @@ def run_lmm_benchmark(
     torch.manual_seed(0)
     impls = ["memsvc", "titans-pytorch"] if peer else ["memsvc"]
     rows: list[Row] = []
+    floors: dict[int, float] = {}
     for dim in dims:
         for segment, n in ((CHUNK, tokens), (1, stream_tokens)):
             x = torch.randn(1, n, dim)
             for impl in impls:
                 rows.append(_measure(impl, dim, segment, x, repeats, threads, optimizer))
-    report = _report(rows, threads, optimizer)
+            if segment == CHUNK:
+                floors[dim] = gemm_floor(dim, 4.0, CHUNK, optimizer, repeats, threads)
+    report = _report(rows, threads, optimizer, floors)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -124,13 +132,14 @@ def run_lmm_benchmark(
     return 0
 
 
-def _report(rows: list[Row], threads: int, optimizer: str) -> dict:
+def _report(rows: list[Row], threads: int, optimizer: str, floors: dict[int, float]) -> dict:
     configs = []
     keyed = {(r.impl, r.dim, r.segment): r for r in rows}
     for (impl, dim, segment), ours in keyed.items():
         if impl != "memsvc":
             continue
         peer = keyed.get(("titans-pytorch", dim, segment))
+        floor = floors.get(dim) if segment == CHUNK else None
         configs.append(
             {
                 "dim": dim,
@@ -139,6 +148,8 @@ def _report(rows: list[Row], threads: int, optimizer: str) -> dict:
                 "memsvc": asdict(ours),
                 "titans_pytorch": asdict(peer) if peer else None,
                 "ratio": ours.tok_per_s / peer.tok_per_s if peer else None,
+                "gemm_floor_tok_per_s": floor,
+                "floor_vs_peer": floor / peer.tok_per_s if floor and peer else None,
             }
         )
     return {
@@ -164,6 +175,8 @@ def _print_table(report: dict) -> None:
         "memsvc tok/s",
         "titans tok/s",
         "ratio",
+        "GEMM floor tok/s",
+        "floor / peer",
         "peak MB (ours/peer)",
         "state KB (ours/peer)",
     ):
@@ -176,6 +189,8 @@ def _print_table(report: dict) -> None:
             f"{ours['tok_per_s']:,.0f}",
             f"{peer['tok_per_s']:,.0f}" if peer else "-",
             f"{c['ratio']:.2f}x" if peer else "-",
+            f"{c['gemm_floor_tok_per_s']:,.0f}" if c["gemm_floor_tok_per_s"] else "-",
+            f"{c['floor_vs_peer']:.2f}x" if c["floor_vs_peer"] else "-",
             f"{ours['peak_bytes'] / 1e6:.1f} / {peer['peak_bytes'] / 1e6:.1f}"
             if peer
             else f"{ours['peak_bytes'] / 1e6:.1f}",
