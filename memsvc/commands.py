@@ -8,12 +8,16 @@ with it torch, which costs seconds), while the handler is still named in one pla
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import importlib.util
+import inspect
+import io
+import tokenize
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_SKIPPED = {tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE}
 
 
 def deferred(target: str) -> Callable[[argparse.Namespace], int]:
@@ -34,7 +38,33 @@ def module_description(module_name: str) -> str | None:
     spec = importlib.util.find_spec(module_name)
     if spec is None or spec.origin is None:
         return None
-    return ast.get_docstring(ast.parse(Path(spec.origin).read_text()))
+    return source_docstring(Path(spec.origin).read_text())
+
+
+def source_docstring(source: str) -> str | None:
+    """The docstring of module source `source`, cleaned as `ast.get_docstring` cleans it.
+
+    Read with `tokenize` and the literal compiled alone, not with `ast.parse`: CPython
+    3.11.7 (this machine's) raised "AST constructor recursion depth mismatch" in CI when
+    a server thread formatted a traceback (3.11 parses the failing line to place its ^^^
+    markers) while a test built the `memsvc` parser: building AST objects in two
+    threads at once is not safe there."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    parts, end = [], None
+    for token in tokens:
+        if token.type == tokenize.STRING:
+            parts.append(token.string)  # adjacent literals are one string
+        elif token.type not in _SKIPPED or (parts and token.type == tokenize.NEWLINE):
+            end = token
+            break
+    if not parts or end is None or end.string not in ("", "\n", ";"):
+        return None  # no leading string, or one that is part of a larger expression
+    for part in parts:
+        prefix = part[: len(part) - len(part.lstrip("rRuUbBfF"))]
+        if set(prefix.lower()) & {"b", "f"}:  # bytes or an f-string: not a docstring
+            return None
+    value = eval(compile(" ".join(parts), "<docstring>", "eval"), {"__builtins__": {}})
+    return inspect.cleandoc(value)
 
 
 class CommandParser(argparse.ArgumentParser):
