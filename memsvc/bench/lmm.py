@@ -23,6 +23,7 @@ from memsvc.memory import MemoryConfig, NeuralMemory
 from memsvc.runtime import tune_allocator
 
 CHUNK = 64
+EXPANSION = 4.0  # hidden width over dim, the same for ours, the peer and the floor
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Row:
 def bench_memory(dim: int, optimizer: str = "momentum") -> NeuralMemory:
     """The memory both sides of the benchmark stand for: depth 2, expansion 4, one head."""
     cfg = MemoryConfig(
-        dim=dim, heads=1, depth=2, expansion=4.0, chunk_size=CHUNK, optimizer=optimizer
+        dim=dim, heads=1, depth=2, expansion=EXPANSION, chunk_size=CHUNK, optimizer=optimizer
     )
     return NeuralMemory(cfg).eval()
 
@@ -67,7 +68,9 @@ def _measure(
     else:
         from memsvc.bench.titans_peer import build_titans_memory, stream_titans, titans_state_nbytes
 
-        memory = build_titans_memory(dim, depth=2, expansion=4.0, chunk_size=CHUNK, heads=1).eval()
+        memory = build_titans_memory(
+            dim, depth=2, expansion=EXPANSION, chunk_size=CHUNK, heads=1
+        ).eval()
 
         def run():
             return stream_titans(memory, x, segment)
@@ -123,7 +126,7 @@ def run_lmm_benchmark(
             for impl in impls:
                 rows.append(_measure(impl, dim, segment, x, repeats, threads, optimizer))
             if segment == CHUNK:
-                floors[dim] = gemm_floor(dim, 4.0, CHUNK, optimizer, repeats, threads)
+                floors[dim] = gemm_floor(dim, EXPANSION, CHUNK, optimizer, repeats, threads)
     report = _report(rows, threads, optimizer, floors)
     if as_json:
         print(json.dumps(report, indent=2))
