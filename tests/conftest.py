@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -31,6 +32,19 @@ POSTGRES_CANDIDATES = (
     "postgresql+psycopg://root@127.0.0.1:5432/test",
 )
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite (a test that wants more sets them itself,
+    and servers started as processes choose their own). The suite's models are tiny, so
+    their ops are all dispatch; a second thread only contends, and with the other core
+    busy it made them many times slower: the million-token memory test took 67 s
+    (5.6 ms a chunk) beside a training, 0.7 ms a chunk on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _postgres_url(raw: str) -> URL:

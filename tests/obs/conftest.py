@@ -1,11 +1,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-import torch
 
 from memsvc.obs.metrics import ServiceMetrics
 from tests.server.harness import engine, model_dir, service  # noqa: F401  (a real server)
@@ -16,15 +12,6 @@ METRIC_NAME = re.compile(r"\bmemsvc_[a-z0-9_]+\b")
 # What Prometheus exposes per family type (the client's `_created` series are left out:
 # nothing should query them).
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny models are dominated by per-op overhead; a second thread only contends.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def exported_series() -> dict[str, str]:

@@ -25,15 +25,6 @@ from tests.engine.conftest import tiny_model
 MakeManager = Callable[..., SessionManager]
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny models are dominated by per-op overhead; a second thread only contends.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="package")
 def engine() -> StreamingEngine:
     """The tiny float64 model of the engine tests (every branch moves the logits)."""
