@@ -17,6 +17,8 @@ MEMSVC_DECODE_CPP=0 to never build or use it.
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,7 +37,8 @@ def enabled() -> bool:
     return os.environ.get("MEMSVC_DECODE_CPP", "1") != "0"
 
 
-STALE_LOCK_S = 900  # a build lock older than this was left by a killed build
+NAME = "memsvc_decode_step"
+BUILD_TIMEOUT_S = 900
 
 
 def build_directory() -> Path:
@@ -46,7 +49,7 @@ def build_directory() -> Path:
 
     tag = torch.__version__.replace("+", "_")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return Path(root) / f"memsvc_decode_step_{tag}"
+    return Path(root) / f"{NAME}_{tag}"
 
 
 def _compile() -> ModuleType:
@@ -61,18 +64,36 @@ def _compile() -> ModuleType:
         pass
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
-    # torch waits forever on a lock file whose build was killed: clear an old one.
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-    return load(
-        name="memsvc_decode_step",
-        sources=[str(Path(__file__).with_name(name)) for name in ("step.cpp", "chunk.cpp")],
-        # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
-        build_directory=str(directory),
-        verbose=False,
-    )
+    # torch's own lock file outlives a process killed while holding it, and then every
+    # later `load` waits on it forever. So builders first take a lock the kernel drops
+    # when its holder dies; holding it, any torch lock left is a dead builder's.
+    with open(directory / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        return load(
+            name=NAME,
+            sources=[str(Path(__file__).with_name(name)) for name in ("step.cpp", "chunk.cpp")],
+            # -ffp-contract=fast: multiply-adds as FMAs (ISO C++ mode turns that off).
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+            build_directory=str(directory),
+            verbose=False,
+        )
+
+
+def _import_built() -> ModuleType:
+    """Import the library the build child left, without torch's `load`: that takes the
+    build directory's lock even when nothing is to be built, and a process killed while
+    holding it (a server under `kill -9`) left a lock on which every later build waited
+    (15 minutes, then gave up). Only the build child, in a session of its own, takes it."""
+    import torch  # noqa: F401  (the library links against torch's, loaded first)
+
+    path = build_directory() / f"{NAME}.so"
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no extension module at {path}")
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)
+    return built
 
 
 def _build() -> None:
@@ -85,12 +106,12 @@ def _build() -> None:
             capture_output=True,
             text=True,
             start_new_session=True,
-            timeout=STALE_LOCK_S,
+            timeout=BUILD_TIMEOUT_S,
             cwd=Path(__file__).parents[2],
         )
         if done.returncode != 0:
             raise RuntimeError(f"the build failed: {done.stderr.strip()[-400:]}")
-        _state["module"] = _compile()
+        _state["module"] = _import_built()
         seconds = round(time.perf_counter() - started, 1)
         structlog.get_logger().info("decode_cpp_ready", seconds=seconds)
     except Exception as error:  # no compiler or headers: the eager step stays

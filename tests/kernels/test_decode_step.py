@@ -4,6 +4,10 @@ which runs every decoder test on both."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from kernels import decode_step
@@ -22,3 +26,21 @@ def test_it_builds_here_and_then_module_returns_it() -> None:
     assert decode_step.module() is built and decode_step.error() is None
     step = built.LayerStep()
     assert hasattr(step, "attend") and hasattr(step, "mix")
+
+
+def test_a_lock_left_by_a_killed_build_blocks_no_later_build() -> None:
+    """torch's lock file outlives a process killed holding it (a server under kill -9);
+    the next build clears it instead of waiting on it (it waited 15 minutes)."""
+    decode_step.load()
+    lock = decode_step.build_directory() / "lock"
+    lock.touch()  # what a builder killed inside torch's `load` leaves
+    code = "import kernels.decode_step as d; d.load(); print('loaded')"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-400:]
+    assert not lock.exists()
