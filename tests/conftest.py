@@ -34,13 +34,14 @@ POSTGRES_CANDIDATES = (
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread for the whole suite (a test that wants more sets them itself,
-    and servers started as processes choose their own). The suite's models are tiny, so
-    their ops are all dispatch; a second thread only contends, and with the other core
-    busy it made them many times slower: the million-token memory test took 67 s
-    (5.6 ms a chunk) beside a training, 0.7 ms a chunk on one thread."""
+    """One intra-op thread in every test (set again before each, so a test that changes
+    it cannot leak into the next; servers started as processes choose their own). The
+    suite's models are tiny, so their ops are all dispatch; a second thread only contends,
+    and with the other core busy it made them many times slower: the million-token memory
+    test took 67 s (5.6 ms a chunk) beside a training, 0.7 ms a chunk on one thread; a
+    timed server step took seconds instead of milliseconds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

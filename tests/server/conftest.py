@@ -1,1 +1,1 @@
-from tests.server.harness import engine, model_dir, one_torch_thread, service  # noqa: F401
+from tests.server.harness import engine, model_dir, service  # noqa: F401

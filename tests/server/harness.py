@@ -135,16 +135,6 @@ class Service:
         return pb_grpc.AdminServiceStub(self.channel)
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """For tests that time the server: one intra-op thread, since a team of threads
-    spinning against other work on a shared machine makes a step take seconds, not ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model"))

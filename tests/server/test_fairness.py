@@ -6,13 +6,9 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from memsvc.proto.v1 import memsvc_pb2 as pb
 from memsvc.server.fairness import SAMPLED_TOKEN_COST, FairShare
 from tests.server.harness import Service
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # they time the server
 
 
 def test_the_least_served_tenant_goes_next_and_equal_costs_alternate() -> None:

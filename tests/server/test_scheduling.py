@@ -28,9 +28,6 @@ from tests.server.harness import (
     stop_service,
 )
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # they time the server
-
-
 SCHEDULING = SchedulerConfig(
     segment_tokens=64, step_tokens=256, max_new_tokens=100_000, max_generations_per_tenant=2
 )
