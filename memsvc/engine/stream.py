@@ -136,7 +136,7 @@ class StreamingEngine:
             [_pending(s) for s in current], [len(t) - d for t, d in zip(ids, done, strict=True)]
         ):
             for length, members in rounds:
-                if len(members) == 1 or self._each_alone(length):  # no stacking
+                if len(members) == 1 or self._chunk_path() is not None:  # no stacking
                     for i in members:
                         logits, current[i] = self._forward(
                             ids[i][None, done[i] : done[i] + length], current[i]
@@ -231,19 +231,23 @@ class StreamingEngine:
     def _forward(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """tokens (B, T) -> next-token logits (B, V) after the last of them, and the state."""
         chunk = self._chunk_path()
-        if chunk is not None and chunk.runs(tokens, state):
-            return chunk.forward(tokens, state, self.use_memory)
+        window = self.model.config.window
+        if chunk is not None and chunk.runs(tokens[:, :window], state):
+            # One stream on the C++ block, W tokens a call: beats the eager forward of a
+            # long append too (4,096 tokens: 56k against 25-31k tokens/s, docs/BENCHMARKS.md).
+            for start in range(0, tokens.shape[1], window):
+                logits, state = chunk.forward(
+                    tokens[:, start : start + window], state, self.use_memory
+                )
+            return logits, state
         logits, state = self.model(tokens, state, use_memory=self.use_memory, last_only=True)
         return logits[:, -1], state
 
-    def _each_alone(self, length: int) -> bool:
-        """Whether sessions appending ``length`` tokens each run one by one: on the C++
-        chunk path (CPU, 1 .. W tokens) one stream's call beats the batched eager
-        forward of many (32 x 64 tokens: 56 ms against 62 ms; 8 x 64: 14 against 17)."""
-        return length <= self.model.config.window and self._chunk_path() is not None
-
     def _chunk_path(self) -> ChunkPath | None:
-        """The C++ chunk path, once the extension is ready (None before, or when off)."""
+        """The C++ chunk path, once the extension is ready (None before, or when off).
+        With it, sessions stepped together run one by one: one stream's calls beat the
+        batched eager forward of many (32 x 64 tokens: 56 ms against 62 ms; 8 x 64: 14
+        against 17; 8 x 512: see docs/BENCHMARKS.md)."""
         if self._chunk is None and self._chunk_cpp:
             cpp = decode_step.module()
             if cpp is not None:

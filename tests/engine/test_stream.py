@@ -251,3 +251,35 @@ def test_state_size_stays_constant_as_the_stream_grows(engine: StreamingEngine) 
     assert len(aligned) == 1  # at chunk boundaries: always the bytes of a fresh state
     # in between only the pending partial chunk (< CHUNK tokens) adds to it
     assert len(every) == CHUNK and max(every) < 2 * min(every)
+
+
+def test_a_long_append_of_one_stream_runs_on_the_cpp_chunk_path_window_by_window() -> None:
+    decode_step.load()
+    engine = StreamingEngine(tiny_model(0), max_segment=8 * CHUNK)
+    window = engine.model.config.window
+    start = engine.append(engine.init_state(), random_tokens(5, seed=6))[0]
+    chunk = engine._chunk_path()
+    assert chunk is not None
+    calls: list[int] = []
+    forward = chunk.forward
+    chunk.forward = lambda tokens, state, memory=True: (
+        calls.append(tokens.shape[1]) or forward(tokens, state, memory)
+    )
+    model_calls = []
+    hook = engine.model.register_forward_hook(lambda m, args, out: model_calls.append(1))
+    tokens = random_tokens(8 * CHUNK + 3 * window + 7, seed=7)
+    try:
+        got_state, got = engine.append(start, tokens)
+        stepped = engine.step_batch([start, start], [tokens, tokens[:-3]])
+    finally:
+        del chunk.forward
+        hook.remove()
+    # No eager forward: W-token calls (the max_segment piece, then the rest).
+    assert not model_calls
+    one = [window] * (8 * CHUNK // window) + [window] * 3 + [7]
+    assert calls[: len(one)] == one and sum(calls) == 3 * len(tokens) - 3
+    reference = StreamingEngine(engine.model, max_segment=8 * CHUNK, fast_decode=False)
+    for (state, stats), n in [((got_state, got), 0), *zip(stepped, [0, 3], strict=True)]:
+        want_state, want = reference.append(start, tokens[: len(tokens) - n])
+        assert_states_equal(state, want_state, **TOL)
+        torch.testing.assert_close(stats.last_logits, want.last_logits, **TOL)
