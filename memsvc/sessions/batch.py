@@ -1,9 +1,14 @@
 """Batched appends: many sessions' tokens through shared engine steps, their logs synced at once.
 
 ``SessionManager.append_many`` hands items (index, session, tokens, expected
-position) here. Items are cut into rounds where each session appears at most
-once, in item order, so the items of one session apply one after another and
-the results equal appending the items one by one. In each round: lock the
+position, joins) here. An item that *joins* goes in with the item of its session
+before it, in the same engine step (`Group`: one forward over their tokens, one
+log record, one fate): the server's appends sent back to back on one stream,
+whose per-append work (a step, a record, a sync) is paid once. Groups are cut
+into rounds where each session appears at most once, in item order, so the
+groups of one session apply one after another and the results equal appending
+the items one by one (a joined item's memory statistics are its group's, taken
+after its last token). In each round: lock the
 sessions (in id order: no deadlock), bring their states to the device, one
 ``step_batch``, write every log record, make the new states the sessions',
 then settle the round: fsync the logs concurrently (their fsyncs share the
@@ -28,10 +33,13 @@ had been stepped alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import structlog
+import torch
 from torch import Tensor
 
 from memsvc.engine import AppendStats
@@ -44,23 +52,73 @@ from memsvc.sessions.residency import Residency
 
 log = structlog.get_logger(__name__)
 
-Item = tuple[int, LiveSession, Tensor, int | None]
+Item = tuple[int, LiveSession, Tensor, int | None, bool]  # ..., expected position, joins
 Results = list[AppendResult | Exception | None]
 Outcome = AppendResult | Exception
 Durable = Callable[[int, Outcome], None]  # (item index, its final outcome)
-Applied = tuple[int, LiveSession, Logged, AppendResult]
 
 
-def rounds(items: list[Item]) -> list[list[Item]]:
+@dataclass
+class Group:
+    """Items of one session applied in one engine step, in order: the first at its
+    expected position, each other right behind the one before it."""
+
+    session: LiveSession
+    expected: int | None
+    members: list[tuple[int, Tensor]] = field(default_factory=list)  # (item index, tokens)
+
+    def ids(self) -> Tensor:
+        if len(self.members) == 1:
+            return self.members[0][1]
+        return torch.cat([ids for _, ids in self.members])
+
+    def fail(self, results: Results, error: Exception) -> None:
+        for index, _ in self.members:
+            results[index] = error
+
+    def split(self, whole: AppendResult) -> Iterator[tuple[int, AppendResult]]:
+        """Each member's result from the group's: its own position and length."""
+        after = sum(len(ids) for _, ids in self.members)
+        for index, ids in self.members:
+            after -= len(ids)
+            yield (
+                index,
+                dataclasses.replace(whole, position=whole.position - after, appended=len(ids)),
+            )
+
+
+@dataclass
+class Applied:
+    """A group stepped and logged: its members' results, durable once ``logged`` is."""
+
+    session: LiveSession
+    logged: Logged
+    results: list[tuple[int, AppendResult]]
+
+
+def groups(items: list[Item]) -> list[Group]:
+    """Each item alone, or with the item of its session before it when it joins."""
+    out: list[Group] = []
+    last: dict[str, Group] = {}
+    for index, session, ids, expected, joins in items:
+        group = last.get(session.id)
+        if not (joins and group is not None):
+            group = last[session.id] = Group(session, expected)
+            out.append(group)
+        group.members.append((index, ids))
+    return out
+
+
+def rounds(items: list[Item]) -> list[list[Group]]:
     """Splits items into engine steps where each session appears at most once, in item order."""
-    out: list[list[Item]] = []
+    out: list[list[Group]] = []
     seen: dict[str, int] = {}
-    for item in items:
-        n = seen.get(item[1].id, 0)
-        seen[item[1].id] = n + 1
+    for group in groups(items):
+        n = seen.get(group.session.id, 0)
+        seen[group.session.id] = n + 1
         if n == len(out):
             out.append([])
-        out[n].append(item)
+        out[n].append(group)
     return out
 
 
@@ -83,38 +141,41 @@ class BatchAppender:
         self._acks.shutdown()
         self._sync_pool.shutdown()
 
-    def _round(self, batch: list[Item], results: Results, durable: Durable | None) -> None:
+    def _round(self, batch: list[Group], results: Results, durable: Durable | None) -> None:
         """One engine step over sessions that each appear once; errors land in ``results``."""
         books = self._env.books
         held = []
         try:
-            for item in sorted(batch, key=lambda item: item[1].id):  # one lock order
-                books.acquire(item[1])
-                held.append(item[1])
+            for group in sorted(batch, key=lambda group: group.session.id):  # one lock order
+                books.acquire(group.session)
+                held.append(group.session)
             ready = []
-            for index, session, ids, expected in batch:
+            for group in batch:
+                session = group.session
                 try:
                     session.check_present()
                     state = self._residency.ready(session)
-                    session.check_position(expected)
-                    ready.append((index, session, ids, state))
+                    session.check_position(group.expected)
+                    ready.append((group, group.ids(), state))
                 except Exception as error:
-                    results[index] = error
+                    group.fail(results, error)
             applied: list[Applied] = []
-            for (index, session, ids, _), stepped in zip(ready, self._step(ready), strict=True):
+            for (group, ids, _), stepped in zip(ready, self._step(ready), strict=True):
                 if isinstance(stepped, Exception):
-                    results[index] = stepped
+                    group.fail(results, stepped)
                     continue
+                session = group.session
                 try:
                     logged = session.log(ids)
                 except Exception as error:
-                    results[index] = error
+                    group.fail(results, error)
                     continue
                 state, stats = stepped
                 session.apply(ids, state)
-                result = session.acknowledge(ids, stats, logged.end)
-                results[index] = result
-                applied.append((index, session, logged, result))
+                done = list(group.split(session.acknowledge(ids, stats, logged.end)))
+                for index, result in done:
+                    results[index] = result
+                applied.append(Applied(session, logged, done))
             if durable is None:
                 for index, outcome in self._settle(applied, locked=True):
                     results[index] = outcome
@@ -138,7 +199,7 @@ class BatchAppender:
 
         def durable(item: Applied) -> Exception | None:
             try:
-                item[1].make_durable(item[2])
+                item.session.make_durable(item.logged)
                 return None
             except Exception as error:
                 return error
@@ -148,22 +209,24 @@ class BatchAppender:
         else:
             errors = list(self._sync_pool.map(durable, applied))
         out: list[tuple[int, Outcome]] = []
-        for (index, session, logged, result), error in zip(applied, errors, strict=True):
+        for item, error in zip(applied, errors, strict=True):
             if error is None:
-                out.append((index, result))
+                out.extend(item.results)
                 continue
+            session = item.session
             if not locked:
                 self._env.books.acquire(session)
             try:
-                failure = session.failed(logged, error)
+                failure = session.failed(item.logged, error)
             finally:
                 if not locked:
                     self._env.books.release(session)
-            out.append((index, failure if isinstance(failure, Exception) else error))
+            lost = failure if isinstance(failure, Exception) else error
+            out.extend((index, lost) for index, _ in item.results)
         return out
 
     def _step(
-        self, ready: list[tuple[int, LiveSession, Tensor, ModelState]]
+        self, ready: list[tuple[Group, Tensor, ModelState]]
     ) -> list[tuple[ModelState, AppendStats] | Exception]:
         """Each session's new state and stats, or its error; one batched step if it stays
         finite, else each session alone (module docstring)."""
@@ -171,17 +234,17 @@ class BatchAppender:
             return []
         engine = self._env.engine
         try:
-            return list(engine.step_batch([r[3] for r in ready], [r[2] for r in ready]))
+            return list(engine.step_batch([r[2] for r in ready], [r[1] for r in ready]))
         except NonFiniteStateError:
             pass
         except Exception as error:
             return [error] * len(ready)
         alone: list[tuple[ModelState, AppendStats] | Exception] = []
-        for _, session, ids, state in ready:
+        for group, ids, state in ready:
             try:
                 alone.append(engine.append(state, ids))
             except NonFiniteStateError as error:
-                alone.append(session.roll_back(error, "append"))
+                alone.append(group.session.roll_back(error, "append"))
             except Exception as error:
                 alone.append(error)
         return alone

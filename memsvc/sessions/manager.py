@@ -224,16 +224,25 @@ class SessionManager:
     def append_many(
         self,
         items: Sequence[
-            tuple[str, str, Sequence[int]] | tuple[str, str, Sequence[int], int | None]
+            tuple[str, str, Sequence[int]]
+            | tuple[str, str, Sequence[int], int | None]
+            | tuple[str, str, Sequence[int], int | None, bool]
         ],
         durable: Durable | None = None,
     ) -> list[AppendResult | Exception]:
         """Appends to many sessions with batched engine steps; per-item errors are returned.
 
-        Items are (tenant, session, tokens[, expected position]). Items of one
-        session are applied in order (one per engine step); the results equal
+        Items are (tenant, session, tokens[, expected position[, joins]]). Items of
+        one session are applied in order (one per engine step); the results equal
         appending the items one by one (``batch.py``). An item whose update goes
         non-finite gets StateRolledBackError; the other items are unaffected.
+
+        An item that *joins* is applied right behind the item of its session before
+        it, in the same engine step and log record, and shares its fate: refused
+        with it (the same error), rolled back with it. Its result is its own
+        (position, tokens) except the memory statistics, which are taken after the
+        last item of the step. The server joins the appends one stream sent back to
+        back, so that their per-append work is paid once.
 
         Without ``durable`` every result is final: durable, or the item's error.
         With it, the logs sync on another thread while the caller goes on: an
@@ -245,14 +254,23 @@ class SessionManager:
         self._check_open()
         results: list[AppendResult | Exception | None] = [None] * len(items)
         prepared: list[Item] = []
-        for index, (tenant_id, session_id, tokens, *expected) in enumerate(items):
+        last: dict[tuple[str, str], int] = {}  # each session's latest item
+        for index, (tenant_id, session_id, tokens, *rest) in enumerate(items):
+            expected = rest[0] if rest else None
+            joins = len(rest) > 1 and bool(rest[1])
+            before = last.get((tenant_id, session_id))
+            last[tenant_id, session_id] = index
+            if joins and before is not None and results[before] is not None:
+                results[index] = results[before]  # refused with the item it joins
+                continue
             try:
                 prepared.append(
                     (
                         index,
                         self._resolve(tenant_id, session_id),
                         self._token_ids(tokens),
-                        expected[0] if expected else None,
+                        expected,
+                        joins,
                     )
                 )
             except Exception as error:
