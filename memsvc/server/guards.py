@@ -16,12 +16,17 @@ model. The first append a process sees of a session that streamed
 before counts its tokens and chunks but not its writes (the totals before it
 are unknown here).
 
-Every method runs on the scheduler's model thread, one append after another,
-so the per-session books need no lock; the admin API only reads a float.
+The scheduler feeds `observe` from a thread of its own, one append after
+another, so the observations cost the model thread nothing; a mitigation it
+decides is handed back (`apply` runs on the model thread, between steps, as
+the manager's other state changes do). The per-session books are under a lock,
+since `observe_recall` and `forget` come from the model thread; the admin API
+only reads a float.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,6 +67,7 @@ class StreamGuards:
         self._metrics = metrics
         self._chunk_size = chunk_size
         self._sessions: dict[str, _Watched] = {}
+        self._lock = threading.Lock()  # the books above
         metrics.set_norm_bound(config.norm_bound)
 
     def observe(
@@ -70,8 +76,15 @@ class StreamGuards:
         result: AppendResult,
         seconds: float,
         tokens: Sequence[int] | None = None,
-    ) -> None:
-        """One acknowledged append of `tokens`, `seconds` after it was received."""
+    ) -> Mitigation | None:
+        """One acknowledged append of `tokens`, `seconds` after it was received: records
+        it, and returns the mitigation its guard decided, for `apply` (None: none)."""
+        with self._lock:
+            return self._observe(result, seconds, tokens)
+
+    def _observe(
+        self, result: AppendResult, seconds: float, tokens: Sequence[int] | None
+    ) -> Mitigation | None:
         watched = self._watch(result.session_id, result.step_scale, result.forget_boost)
         last = watched.last  # a generation since then adds its writes to this append's
         started = result.position - result.appended
@@ -98,16 +111,17 @@ class StreamGuards:
             updates_per_1k_tokens=watched.updates_per_1k_tokens,
         )
         watched.last = result
-        if mitigation is not None:
-            self._apply(tenant_id, result.session_id, mitigation)
+        return mitigation
 
     def observe_recall(self, tenant_id: str, session_id: str, recall: float) -> None:
-        """A recall canary round on `session_id` measured `recall` (its guard may react)."""
-        watched = self._watch(session_id, 1.0, 0.0)
-        position = 0 if watched.last is None else watched.last.position
-        mitigation = watched.guard.observe_recall(position, recall)
+        """A recall canary round on `session_id` measured `recall` (its guard may react);
+        on the model thread."""
+        with self._lock:
+            watched = self._watch(session_id, 1.0, 0.0)
+            position = 0 if watched.last is None else watched.last.position
+            mitigation = watched.guard.observe_recall(position, recall)
         if mitigation is not None:
-            self._apply(tenant_id, session_id, mitigation)
+            self.apply(tenant_id, session_id, mitigation)
 
     def updates_per_1k_tokens(self, session_id: str) -> float | None:
         """The session's writes per 1000 tokens over its guard's window (None until full)."""
@@ -116,7 +130,8 @@ class StreamGuards:
 
     def forget(self, session_id: str) -> None:
         """The session was deleted."""
-        self._sessions.pop(session_id, None)
+        with self._lock:
+            self._sessions.pop(session_id, None)
 
     def _watch(self, session_id: str, step_scale: float, forget_boost: float) -> _Watched:
         watched = self._sessions.get(session_id)
@@ -125,7 +140,8 @@ class StreamGuards:
             watched = self._sessions[session_id] = _Watched(guard)
         return watched
 
-    def _apply(self, tenant_id: str, session_id: str, mitigation: Mitigation) -> None:
+    def apply(self, tenant_id: str, session_id: str, mitigation: Mitigation) -> None:
+        """Applies a mitigation `observe` decided; on the model thread."""
         try:
             self._manager.mitigate(
                 tenant_id,
@@ -137,7 +153,7 @@ class StreamGuards:
             )
         except Exception as error:
             # The guard's knobs no longer match the state's: start it over from the state.
-            self._sessions.pop(session_id, None)
+            self.forget(session_id)
             log.error(
                 "mitigation_failed",
                 tenant=tenant_id,

@@ -15,7 +15,14 @@ query prompt is read one segment per step.
 Who gets a step's units is decided by `FairShare` (least-served tenant first),
 so one tenant's long generations or bulk appends cannot starve another
 tenant's small appends. Between steps the thread runs one queued job
-(`call`, `call_soon`: the canary, the guards).
+(`call`, `call_soon`: the canary, the guards' mitigations). The guards observe
+each acknowledged append on a thread of their own (`StreamGuards`), off the
+model thread.
+
+Appends one stream sent back to back and taken in the same step go in
+together: one forward and one log record (`SessionManager.append_many`'s
+joins), so a stream with several appends in flight pays the per-append work
+once per step (the proto's AppendAck says what its acknowledgements carry).
 
 Deadlines and cancellation stop a request's work within one step:
 - an append whose caller is gone or whose deadline passed is not continued:
@@ -37,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -167,6 +174,9 @@ class Scheduler:
         self._jobs: deque[Callable[[], None]] = deque()
         self._running: dict[str, int] = {}  # runs per tenant (event loop)
         self._syncing = 0  # applied segments waiting for their fsync (under _wake)
+        # The guards' observations, in acknowledgement order, off the model thread.
+        self._observing = 0  # queued there (under _wake)
+        self._observer = ThreadPoolExecutor(1, thread_name_prefix="memsvc-guards")
         self._closing = False
         self._thread = threading.Thread(target=self._work, name="memsvc-model", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -353,7 +363,13 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing queued or running (the server has gone quiet)."""
         with self._wake:
-            return not (self._runs or self._jobs or self._syncing or any(self._appends.values()))
+            return not (
+                self._runs
+                or self._jobs
+                or self._syncing
+                or self._observing
+                or any(self._appends.values())
+            )
 
     async def close(self) -> None:
         """Finishes the queued work, then stops the model thread (after the server stopped)."""
@@ -363,6 +379,7 @@ class Scheduler:
             self._closing = True
             self._wake.notify()
         await asyncio.to_thread(self._thread.join)
+        self._observer.shutdown()
 
     # ---- event loop internals ----------------------------------------------------------
 
@@ -506,8 +523,8 @@ class Scheduler:
             for session_id in list(lines):
                 line = lines[session_id]
                 item = line[0]
-                if item.blocked():  # its stream's append before it goes in first
-                    del lines[session_id]
+                if item.blocked() and not _joins(item, taken):
+                    del lines[session_id]  # its stream's append before it goes in first
                     continue
                 left = len(item.tokens) - item.applied - taken.get(item, 0)
                 tokens = min(left, self.config.segment_tokens)
@@ -523,12 +540,17 @@ class Scheduler:
         Applied segments are answered from the acknowledging thread once durable
         (``_durable``), while this thread goes on with the next step."""
         jobs = list(picked)
+        # An append taken right behind the one before it on its stream goes in with it,
+        # in one forward and one log record (`SessionManager.append_many`'s joins).
+        before = {job: job.after for job in jobs if job.after is not None and job.after in picked}
+        joined = {job: job in before for job in jobs}
         items = [
             (
                 job.tenant_id,
                 job.session_id,
                 job.ids[job.applied : job.applied + picked[job]],
-                job.position if job.applied else _expected(job),
+                job.position if job.applied else None if joined[job] else _expected(job),
+                joined[job],
             )
             for job in jobs
         ]
@@ -550,7 +572,10 @@ class Scheduler:
         except Exception as error:  # the whole step failed: each caller hears why
             log.exception("append_step_failed", appends=len(items))
             results = [error] * len(items)
-        for job, result in zip(jobs, results, strict=True):
+        outcomes = dict(zip(jobs, results, strict=True))
+        for job, result in outcomes.items():
+            if job in before and isinstance(outcomes[before[job]], Exception):
+                result = ChainBrokenError(_BROKEN)  # refused with the append before it
             with self._wake:
                 if isinstance(result, Exception):  # final: no acknowledgement counts now
                     if job in unsettled:
@@ -618,19 +643,32 @@ class Scheduler:
             line.remove(job)
 
     def _settle(self, job: _Append, outcome: AppendResult | Exception) -> None:
-        """Answers the caller (on the loop) and feeds the guards (a later job)."""
+        """Answers the caller (on the loop) and feeds the guards (on their thread)."""
         loop = self._event_loop()
         loop.call_soon_threadsafe(_resolve, job.done, outcome)
         if self._guards is not None and isinstance(outcome, AppendResult):
             seconds = time.monotonic() - job.received
-            guards = self._guards
-            self._submit(
-                lambda: self._jobs.append(
-                    lambda: _logging_errors(
-                        guards.observe, job.tenant_id, outcome, seconds, job.tokens
-                    )
-                )
-            )
+            with self._wake:
+                self._observing += 1
+            self._observer.submit(self._observe, job.tenant_id, outcome, seconds, job.tokens)
+
+    def _observe(
+        self, tenant_id: str, result: AppendResult, seconds: float, tokens: Sequence[int]
+    ) -> None:
+        """The guards' look at one acknowledged append; a mitigation they decide is applied
+        on the model thread, between steps."""
+        guards = self._guards
+        assert guards is not None
+        try:
+            mitigation = guards.observe(tenant_id, result, seconds, tokens)
+            if mitigation is not None:
+                self.call_soon(guards.apply, tenant_id, result.session_id, mitigation)
+        except Exception:
+            log.exception("guards_observation_failed", session=result.session_id)
+        finally:
+            with self._wake:
+                self._observing -= 1
+                self._wake.notify()
 
 
 class PartialAppendError(DeadlineExceededError):
@@ -656,6 +694,18 @@ class _Counted:
             self._running[self._tenant_id] = left
         else:
             del self._running[self._tenant_id]
+
+
+def _joins(item: _Append, taken: dict[_Append, int]) -> bool:
+    """Whether ``item`` may go in behind the append before it on its stream, in the same
+    step: that one is taken whole in this step, and ``item`` names no position of its own
+    (one that does is checked on its own, a step later)."""
+    before = item.after
+    return (
+        before is not None
+        and item.expected_position is None
+        and taken.get(before, 0) == len(before.tokens) - before.applied
+    )
 
 
 def _expected(job: _Append) -> int | None:

@@ -140,7 +140,8 @@ def test_metrics_move_with_the_stream(tmp_path: Path, engine: StreamingEngine) -
         assert value(after, "memsvc_memory_chunks_total") == 320 // 16
         assert value(after, "memsvc_memory_norm_count") == 4
         # The manager's timings, through its observer.
-        assert value(after, "memsvc_wal_fsync_seconds_count") >= 4
+        # One per log record: the stream's three appends, sent back to back, may share one.
+        assert value(after, "memsvc_wal_fsync_seconds_count") >= 2
         assert value(after, "memsvc_checkpoint_seconds_count") >= 1
         assert value(after, "memsvc_eviction_seconds_count", tier="disk") == 1
         # The first touch of the new session, and the one after its eviction.
