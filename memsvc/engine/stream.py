@@ -136,7 +136,7 @@ class StreamingEngine:
             [_pending(s) for s in current], [len(t) - d for t, d in zip(ids, done, strict=True)]
         ):
             for length, members in rounds:
-                if len(members) == 1 or self._chunk_path() is not None:  # no stacking
+                if len(members) == 1 or self.steps_alone():  # no stacking
                     for i in members:
                         logits, current[i] = self._forward(
                             ids[i][None, done[i] : done[i] + length], current[i]
@@ -242,6 +242,11 @@ class StreamingEngine:
             return logits, state
         logits, state = self.model(tokens, state, use_memory=self.use_memory, last_only=True)
         return logits[:, -1], state
+
+    def steps_alone(self) -> bool:
+        """Whether `step_batch` runs its sessions one by one (the C++ chunk path, below), so
+        that stepping them in separate calls costs no shared forward."""
+        return self._chunk_path() is not None
 
     def _chunk_path(self) -> ChunkPath | None:
         """The C++ chunk path, once the extension is ready (None before, or when off).

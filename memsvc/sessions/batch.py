@@ -8,7 +8,9 @@ whose per-append work (a step, a record, a sync) is paid once. Groups are cut
 into rounds where each session appears at most once, in item order, so the
 groups of one session apply one after another and the results equal appending
 the items one by one (a joined item's memory statistics are its group's, taken
-after its last token). In each round: lock the
+after its last token). Where the engine steps sessions one by one anyway (its
+C++ chunk path), each group is a round of its own, so that it is synced and
+acknowledged while the next one steps. In each round: lock the
 sessions (in id order: no deadlock), bring their states to the device, one
 ``step_batch``, write every log record, make the new states the sessions',
 then settle the round: fsync the logs concurrently (their fsyncs share the
@@ -133,7 +135,14 @@ class BatchAppender:
         self._acks = ThreadPoolExecutor(1, thread_name_prefix="memsvc-wal-ack")
 
     def run(self, items: list[Item], results: Results, durable: Durable | None = None) -> None:
-        for batch in rounds(items):
+        if self._env.engine.steps_alone():
+            # Nothing is shared between the sessions' forwards: each group is a round of
+            # its own, in the caller's order, so the first is acknowledged while the
+            # others step (a small append is not held back by a bulk one beside it).
+            batches = [[group] for group in groups(items)]
+        else:
+            batches = rounds(items)
+        for batch in batches:
             self._round(batch, results, durable)
 
     def close(self) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+import kernels.decode_step as decode_step
 from memsvc.engine import StreamingEngine
 from memsvc.sessions.api import AppendResult, SessionMovedError
 from memsvc.sessions.fencing import Claim, OwnerFile
 from memsvc.store.database import Database
+from tests.engine.conftest import tiny_model
 from tests.sessions.conftest import MakeManager, new_tenant, random_batches
 from tests.sessions.helpers import assert_matches_reference, flat
 
@@ -48,11 +50,18 @@ def _same(got: AppendResult, want: AppendResult) -> None:
     assert got.surprise == pytest.approx(want.surprise, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["batched", "one-by-one"])
 def test_deferred_acknowledgements_equal_the_synchronous_results(
-    make_manager: MakeManager, engine: StreamingEngine, database: Database, tmp_path: Path
+    make_manager: MakeManager, database: Database, tmp_path: Path, alone: bool
 ) -> None:
-    deferred = make_manager()
-    synced = make_manager(data_dir=tmp_path / "other")
+    # Batched: the eager forward steps each round's sessions together. One by one: the
+    # C++ chunk path steps them alone, so each item is a round of its own.
+    if alone:
+        decode_step.load()
+    engine = StreamingEngine(tiny_model(seed=0), max_segment=64, decode_cpp=alone)
+    assert engine.steps_alone() is alone
+    deferred = make_manager(engine=engine)
+    synced = make_manager(data_dir=tmp_path / "other", engine=engine)
     tenant = new_tenant(database)
     names = [deferred.create(tenant).session_id for _ in range(3)]
     twins = [synced.create(tenant).session_id for _ in range(3)]
@@ -75,12 +84,13 @@ def test_deferred_acknowledgements_equal_the_synchronous_results(
         applied = [i for i, r in enumerate(results) if isinstance(r, AppendResult)]
         assert len(applied) == len(plan) == len(results) - 2
         calls = acks.take(len(applied))
-        # Once per applied item, in the order the rounds ran (round n holds each
-        # session's n-th item), from the acknowledging thread, with the result handed out.
+        # Once per applied item, in the order the rounds ran (batched: round n holds each
+        # session's n-th item; one by one: item order), from the acknowledging thread,
+        # with the result handed out.
         seen: dict[str, int] = {}
         rank = {}
         for i, item in enumerate(items):
-            rank[i] = (seen.get(item[1], 0), i)
+            rank[i] = (0 if alone else seen.get(item[1], 0), i)
             seen[item[1]] = seen.get(item[1], 0) + 1
         assert [index for index, _, _ in calls] == sorted(applied, key=rank.__getitem__)
         for index, outcome, thread in calls:
