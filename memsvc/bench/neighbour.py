@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import random
 import statistics
 import tempfile
 import threading
@@ -42,6 +44,7 @@ from memsvc.server.scheduler import SchedulerConfig
 from memsvc.sessions.manager import ManagerConfig, SessionManager
 from memsvc.store import metadata
 from memsvc.store.hot_state import InProcessHotStateTracker
+from memsvc.train.haystack import HELDOUT_VOCAB, filler
 
 P99_RATIO_GOAL = 2.0  # B's append p99 beside A / alone
 STOP_GOAL_S = 1.0  # an abandoned query's work ends this soon after its deadline
@@ -166,15 +169,29 @@ def _create(stub: pb_grpc.MemoryServiceStub, tenant: Metadata) -> str:
     return stub.CreateSession(pb.CreateSessionRequest(), metadata=tenant).session_id
 
 
+def _text(tokens: int, seed: int) -> bytes:
+    """``tokens`` bytes of synthetic English sentences. Text, not one repeated byte: the
+    server's guards damp (and checkpoint) a stream of one byte, which would measure their
+    mitigations instead of the scheduler."""
+    units = filler(random.Random(seed), "sentences", HELDOUT_VOCAB)
+    out = bytearray()
+    while len(out) < tokens:
+        out += next(units).encode()
+    return bytes(out[:tokens])
+
+
 def _small_appends(
     stub: pb_grpc.MemoryServiceStub, tenant: Metadata, sessions: list[str], appends: int
 ) -> list[float]:
-    """Each session appends 64-token pieces, one in flight; every append's latency."""
-    piece = pb.Input(text=b"b" * B_APPEND_TOKENS)
+    """Each session appends 64-token pieces of text, one in flight; every append's latency."""
+    text = _text(B_APPEND_TOKENS * appends * len(sessions), seed=1)
+    cuts = itertools.count(0, B_APPEND_TOKENS)
 
     def stream(session_id: str) -> list[float]:
         latencies = []
         for _ in range(appends):
+            start = next(cuts)  # pieces shared out between the threads: any split is text
+            piece = pb.Input(text=text[start : start + B_APPEND_TOKENS])
             started = time.perf_counter()
             stub.Append(pb.AppendRequest(session_id=session_id, input=piece), metadata=tenant)
             latencies.append(time.perf_counter() - started)
@@ -217,10 +234,11 @@ def _bulk(
 ) -> int:
     """A's bulk appends until `tokens` went in or B is done. Returns the tokens appended."""
     session_id = _create(stub, tenant)
+    text = _text(piece_tokens, seed=2)
     appended = 0
     while appended < tokens and not stop.is_set():
         n = min(piece_tokens, tokens - appended)
-        request = pb.AppendRequest(session_id=session_id, input=pb.Input(text=b"a" * n))
+        request = pb.AppendRequest(session_id=session_id, input=pb.Input(text=text[:n]))
         appended = stub.Append(request, metadata=tenant).position
     return appended
 
