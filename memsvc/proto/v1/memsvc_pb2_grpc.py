@@ -182,8 +182,10 @@ class MemoryServiceServicer:
         the generation rather than piling tokens up. If the call ends early (the
         client cancels, or the deadline passes), the session keeps the prompt and
         exactly the tokens whose messages the server finished writing; tokens
-        sampled but not written are dropped. A client that cancels mid-stream may
-        not have read the last written message: GetSession's position tells.
+        sampled but not written are dropped. A message counts as written once gRPC
+        took it, so a client that cancels mid-stream may not have read the last
+        written messages (a few, in the transport's buffers): GetSession's
+        position tells.
         Sampling stops within one step of the end of the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
