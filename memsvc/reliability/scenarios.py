@@ -144,19 +144,20 @@ def _fault(
     writers: int,
     before_s: float,
     after_s: float,
-    act: Callable[[], str | None],
+    act: Callable[[Writers], str | None],
     piece_tokens: int = 64,
     pace_s: float = 0.02,
 ) -> Report:
-    """Writers run ``before_s``, ``act`` breaks something (returns a note), writers run on
-    ``after_s``; then every session is checked against what its writer was told."""
+    """Writers run ``before_s``, ``act`` breaks something (returns a note; it sees the
+    running writers), writers run on ``after_s``; then every session is checked against
+    what its writer was told."""
     api_key = cluster.create_tenant(name)
     running = Writers(
         cluster.addresses, api_key, writers, piece_tokens=piece_tokens, pace_s=pace_s
     ).start()
     time.sleep(before_s)
     at = time.monotonic()
-    note = act()
+    note = act(running)
     recovered = time.monotonic()
     time.sleep(after_s)
     records = running.stop()
@@ -177,7 +178,7 @@ def _fault(
 def fault_kill_replica(workdir: Path, model_dir: Path, *, seconds: float = 6.0) -> Report:
     with private_cluster(workdir, model_dir, replicas=3) as (cluster, _, _):
 
-        def act() -> str:
+        def act(_: Writers) -> str:
             cluster.kill(0)
             return "kill -9 of replica r0 (of 3); leases expire after 2 s"
 
@@ -187,7 +188,7 @@ def fault_kill_replica(workdir: Path, model_dir: Path, *, seconds: float = 6.0) 
 def fault_redis_restart(workdir: Path, model_dir: Path, *, seconds: float = 6.0) -> Report:
     with private_cluster(workdir, model_dir, replicas=2) as (cluster, redis, _):
 
-        def act() -> str:
+        def act(_: Writers) -> str:
             redis.restart(down_s=1.0)
             return "Redis down 1 s, back empty (leases, fences and hot state lost)"
 
@@ -198,7 +199,7 @@ def fault_postgres_restart(workdir: Path, model_dir: Path, *, seconds: float = 6
     extra = ("--checkpoint-every-tokens", "1024")  # checkpoints (SQL rows) all the time
     with private_cluster(workdir, model_dir, replicas=2, extra_args=extra) as (cluster, _, pg):
 
-        def act() -> str:
+        def act(_: Writers) -> str:
             pg.restart(down_s=1.0)
             return "PostgreSQL down 1 s (fast shutdown: connections cut); checkpoints every 1k"
 
@@ -218,11 +219,19 @@ def fault_full_disk(workdir: Path, model_dir: Path, *, seconds: float = 4.0) -> 
         ),
     ):
 
-        def act() -> str:
+        def act(writers: Writers) -> str:
             ballast = disk.fill()
+            started = time.monotonic()
             time.sleep(seconds)
+            # Full until a writer was refused (a loaded machine appends slowly, and the
+            # logs' last pages take some records before a write needs a new one).
+            while (
+                not any(r.error_times for r in writers.records) and time.monotonic() - started < 60
+            ):
+                time.sleep(0.1)
+            full = time.monotonic() - started
             ballast.unlink()
-            return f"the data directory's filesystem full for {seconds:.0f} s, then freed"
+            return f"the data directory's filesystem full for {full:.0f} s, then freed"
 
         return _fault(
             "full disk", cluster, writers=2, before_s=2, after_s=seconds, act=act, pace_s=0.005
@@ -249,7 +258,7 @@ def fault_client_vanishes(workdir: Path, model_dir: Path, *, seconds: float = 3.
         api_key = cluster.create_tenant("vanishing")
         outcome: dict[str, Any] = {}
 
-        def act() -> str:
+        def act(_: Writers) -> str:
             child = subprocess.Popen(
                 [sys.executable, "-c", _VANISHING_CLIENT, cluster.addresses[0], api_key],
                 stdout=subprocess.PIPE,
