@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 
 from memsvc.engine import StreamingEngine
 from memsvc.model import ModelState
+from memsvc.sessions.api import AppendResult
 from memsvc.sessions.checkpoint import decode_checkpoint
 from memsvc.sessions.manager import SessionManager
 from tests.state_asserts import assert_states_equal
@@ -77,3 +80,19 @@ def poison(
     assert live is not None and live.state is not None
     with manager._books.holding(live):
         live.move(how(live.state))
+
+
+class Acks:
+    """Collects ``durable`` calls; a cleared ``gate`` holds the acknowledging thread until set."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[tuple[int, AppendResult | Exception, str]] = queue.Queue()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, index: int, outcome: AppendResult | Exception) -> None:
+        self.gate.wait(10)
+        self.calls.put((index, outcome, threading.current_thread().name))
+
+    def take(self, count: int) -> list[tuple[int, AppendResult | Exception, str]]:
+        return [self.calls.get(timeout=10) for _ in range(count)]

@@ -4,8 +4,6 @@ durable fails its acknowledgement and unloads the session (``batch.py``)."""
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,25 +15,9 @@ from memsvc.sessions.fencing import Claim, OwnerFile
 from memsvc.store.database import Database
 from tests.engine.conftest import tiny_model
 from tests.sessions.conftest import MakeManager, new_tenant, random_batches
-from tests.sessions.helpers import assert_matches_reference, flat
+from tests.sessions.helpers import Acks, assert_matches_reference, flat
 
 Outcome = AppendResult | Exception
-
-
-class Acks:
-    """Collects ``durable`` calls; a cleared ``gate`` holds the acknowledging thread until set."""
-
-    def __init__(self) -> None:
-        self.calls: queue.Queue[tuple[int, Outcome, str]] = queue.Queue()
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __call__(self, index: int, outcome: Outcome) -> None:
-        self.gate.wait(10)
-        self.calls.put((index, outcome, threading.current_thread().name))
-
-    def take(self, count: int) -> list[tuple[int, Outcome, str]]:
-        return [self.calls.get(timeout=10) for _ in range(count)]
 
 
 def _same(got: AppendResult, want: AppendResult) -> None:

@@ -10,8 +10,7 @@ from memsvc.engine import StreamingEngine
 from memsvc.sessions.api import AppendResult, InvalidRequestError, PositionConflictError
 from memsvc.store.database import Database
 from tests.sessions.conftest import MakeManager, new_tenant, random_batches
-from tests.sessions.helpers import assert_matches_reference, flat
-from tests.sessions.test_deferred_acks import Acks
+from tests.sessions.helpers import Acks, assert_matches_reference, flat
 
 
 def _same(got: AppendResult, want: AppendResult, *, statistics: bool) -> None:
