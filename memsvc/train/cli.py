@@ -47,6 +47,7 @@ _RECIPE_OPTIONS = (
     "next_byte_weight",
     "key_loss_weight",
     "key_loss_kind",
+    "phrasing",
     "advance_at",
     "checkpoint_every",
     "log_every",
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "spread: softmax + the facts' own write keys pushed near-orthogonal",
     )
     parser.add_argument(
+        "--phrasing",
+        choices=("train", "grammar"),
+        help="how the keyed facts of every stage are phrased: train: the training "
+        "generator's fixed templates (default); grammar: half of the sentences composed "
+        "from parts instead (memsvc/train/grammar.py), thousands of templates",
+    )
+    parser.add_argument(
         "--advance-at",
         type=float,
         help="leave a stage early at this exact-match on its last batches (0.95; 0: never)",
@@ -168,8 +176,11 @@ def _new_recipe(args: argparse.Namespace, window: int) -> TrainRecipe:
     }
     if args.advance_at is not None:
         overrides["advance_at"] = args.advance_at or None
+    stages = curriculum(window, args.batch_size, args.curriculum or "reference")
+    if args.phrasing is not None:
+        stages = tuple(replace(stage, phrasing=args.phrasing) for stage in stages)
     return TrainRecipe(
-        stages=curriculum(window, args.batch_size, args.curriculum or "reference"),
+        stages=stages,
         **{k: v for k, v in overrides.items() if v is not None},
     )
 

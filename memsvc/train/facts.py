@@ -143,15 +143,17 @@ def fact_sample(
     out_of_window: bool,
     revise_share: float = 0.25,
     max_questions: int = 8,
+    phrasing: str | None = None,
 ) -> Sample:
     """A training sample of exactly `length` tokens: 1..max_facts facts, some revised,
-    then questions about up to `max_questions` of them (in random order)."""
+    then questions about up to `max_questions` of them (in random order). The facts are
+    phrased by `phrasing` (a PHRASINGS name; None: the haystack vocabulary's)."""
     keep_clear = window + 1 if out_of_window else 0
     n = rng.randint(1, max_facts)
     squeezed = False  # no revisions: the last resort of a short sample
     while True:  # fewer facts until they and their questions fit in `length`
         revised = 0 if squeezed else sum(rng.random() < revise_share for _ in range(n))
-        facts = make_facts(rng, vocabulary, n, value_kinds, revised)
+        facts = make_facts(rng, phrasing or vocabulary, n, value_kinds, revised)
         asked = rng.sample(range(n), min(n, max_questions))
         block = sum(
             1 + len(facts[i].question.encode()) + len(facts[i].answer.encode()) for i in asked
@@ -226,6 +228,8 @@ class FactQuestion:
     kind: ValueKind
     depth: float  # where the fact's latest statement starts, as a share of the context
     revised: bool
+    stated: str = ""  # the fact's latest statement, as streamed
+    asked: str = ""  # the question and its lead, as asked (after QUERY)
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,8 @@ def make_fact_probe(
             kind=fact.kind,
             depth=round((1 + at) / total, 4),
             revised=fact.revision is not None,
+            stated=fact.inserts[-1].strip(),
+            asked=fact.question,
         )
         for fact, at in zip(facts, layout.at, strict=True)
     )

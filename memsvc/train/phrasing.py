@@ -16,8 +16,10 @@ from __future__ import annotations
 import random
 import string
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from memsvc.train.grammar import Grammar
 
 ValueKind = Literal["digits", "words", "code", "uuid"]
 VALUE_KINDS: tuple[ValueKind, ...] = ("digits", "words", "code", "uuid")
@@ -48,6 +50,7 @@ class Phrasing:
     closers: tuple[str, ...] = ("",)  # put after one
     asks: tuple[str, ...] = ("",)  # put before a question
     asked_closers: tuple[str, ...] = ("",)  # put after a question, before its lead
+    grammar: Grammar | None = None  # composed templates beside the fixed ones, if any
 
     def key(self, rng: random.Random) -> str:
         pick = rng.random()
@@ -63,13 +66,18 @@ class Phrasing:
         return "".join(rng.choices(self.name_syllables, k=rng.randint(2, 3))).capitalize()
 
     def statement(self, rng: random.Random, key: str, attr: str, value: str) -> str:
+        if self._composed(rng):
+            return self._wrapped(rng, self.grammar.statement(rng), key, attr, value)
         return self._wrapped(rng, rng.choice(self.statements), key, attr, value)
 
     def revision(self, rng: random.Random, key: str, attr: str, value: str) -> str:
+        if self._composed(rng):
+            return self._wrapped(rng, self.grammar.revision(rng), key, attr, value)
         return self._wrapped(rng, rng.choice(self.revisions), key, attr, value)
 
     def question(self, rng: random.Random, key: str, attr: str) -> str:
-        template = rng.choice(self.questions)
+        composed = self._composed(rng)
+        template = self.grammar.question(rng) if composed else rng.choice(self.questions)
         if len(self.asks) > 1:  # as with openers: a phrasing without them draws nothing
             ask = rng.choice(self.asks)
             if ask and ask.rstrip()[-1] in ",:":  # mid-sentence: the question goes on
@@ -79,7 +87,13 @@ class Phrasing:
                 template = ask + template
             template += rng.choice(self.asked_closers)
         asked = self.render(template, key, attr)
-        return asked + " " + self.render(rng.choice(self.leads), key, attr)
+        lead = self.grammar.lead(rng) if self._composed(rng) else rng.choice(self.leads)
+        return asked + " " + self.render(lead, key, attr)
+
+    def _composed(self, rng: random.Random) -> bool:
+        """Whether this sentence comes from the grammar (a phrasing without one draws
+        nothing, so its probes stay the ones measured before grammars existed)."""
+        return self.grammar is not None and rng.random() < self.grammar.share
 
     def _wrapped(self, rng: random.Random, template: str, key: str, attr: str, value: str) -> str:
         # A phrasing without openers or closers draws nothing for them, so its probes stay
@@ -332,4 +346,8 @@ HELDOUT_PHRASING = Phrasing(
     syllables=_list("bra cu dei fo gri jan kel mor nup qui sol tav wex yor zun"),
 )
 
-PHRASINGS = {"train": TRAIN_PHRASING, "heldout": HELDOUT_PHRASING}
+# The training phrasing with composed sentences beside its fixed ones (grammar.py): training
+# only (`memsvc train --phrasing grammar`); its words stay disjoint from the held-out ones.
+GRAMMAR_PHRASING = replace(TRAIN_PHRASING, name="grammar", grammar=Grammar())
+
+PHRASINGS = {"train": TRAIN_PHRASING, "heldout": HELDOUT_PHRASING, "grammar": GRAMMAR_PHRASING}

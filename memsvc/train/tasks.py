@@ -32,7 +32,7 @@ from torch import Tensor
 
 from memsvc.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, QUERY_ID, encode
 from memsvc.train.haystack import VOCABULARIES, Haystack, check_haystack, haystack_units
-from memsvc.train.phrasing import VALUE_KINDS, ValueKind
+from memsvc.train.phrasing import PHRASINGS, VALUE_KINDS, ValueKind
 
 TaskKind = Literal["passkey", "number", "uuid", "mqar", "text", "facts"]
 NeedlePlacement = Literal["any", "in_window", "out_of_window"]
@@ -56,9 +56,12 @@ class TaskSpec:
     n_queries: int = 4  # mqar
     max_facts: int = 4  # facts: 1..max_facts per sample
     value_kinds: tuple[ValueKind, ...] = VALUE_KINDS  # facts
+    phrasing: str | None = None  # facts: a phrasing.PHRASINGS name (None: the vocabulary's)
 
     def __post_init__(self) -> None:
         check_haystack(self.haystack)
+        if self.phrasing is not None and self.phrasing not in PHRASINGS:
+            raise ValueError(f"unknown phrasing {self.phrasing!r} ({', '.join(PHRASINGS)})")
         if self.depth is not None and not 0.0 <= self.depth <= 1.0:
             raise ValueError("depth must be in [0, 1]")
         if not 0.0 <= self.distractor_rate <= 1.0:
@@ -125,6 +128,7 @@ def generate(spec: TaskSpec, rng: random.Random) -> Sample:
             distractor_rate=spec.distractor_rate,
             window=spec.window,
             out_of_window=spec.needle == "out_of_window",
+            phrasing=spec.phrasing,
         )
     raise ValueError(f"unknown task kind {spec.kind!r}")
 
@@ -338,6 +342,7 @@ class Stage:
     distractor_rate: float = 0.0
     max_facts: int = 4
     value_kinds: tuple[ValueKind, ...] = VALUE_KINDS  # facts
+    phrasing: str | None = None  # facts (TaskSpec.phrasing)
 
     def specs(self, window: int) -> list[TaskSpec]:
         return [
@@ -350,6 +355,7 @@ class Stage:
                 window=window,
                 max_facts=self.max_facts,
                 value_kinds=self.value_kinds,
+                phrasing=self.phrasing,
             )
             for kind in self.kinds
             for haystack in self.haystacks
