@@ -54,6 +54,8 @@ class FactResult:
     output: str
     correct: bool
     other_key: bool = False  # wrong, and another fact's value of the same stream (module doc)
+    stated: str = ""  # the fact's latest statement and the question asked: which phrasings
+    asked: str = ""  # are recalled and which never trigger the write or the read
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ def evaluate_cell(
                     output=output,
                     correct=output == question.answer,
                     other_key=answered_other_key(output, question.answer, answers),
+                    stated=question.stated,
+                    asked=question.asked,
                 )
             )
     return results, StreamStats(tokens, seconds, applied, skipped)

@@ -22,6 +22,12 @@ from memsvc.train.facts import make_fact_probe
 from tests.engine.conftest import tiny_model
 
 
+def probe_text(cell: FactCell, seed: int, window: int) -> str:
+    probe = make_fact_probe(seed, cell.length, cell.n_facts, cell.value_kinds, window=window,
+                            haystack=cell.haystack, revised=cell.revised)  # fmt: skip
+    return bytes(probe.context[1:].tolist()).decode()
+
+
 def test_asking_leaves_the_streamed_state_unchanged() -> None:
     engine = StreamingEngine(tiny_model(), max_segment=64)
     probe = make_fact_probe(0, 900, 3, ("digits",), window=engine.model.config.window)
@@ -43,6 +49,11 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
         assert r.correct == (r.output == r.answer)
         asked = [o.answer for o in results if o.seed == r.seed]
         assert r.other_key == answered_other_key(r.output, r.answer, asked)
+        # the phrasing it was stated and asked in, for per-template reports
+        assert r.answer in r.stated and r.stated in probe_text(
+            cell, r.seed, engine.model.config.window
+        )
+        assert r.asked and r.answer not in r.asked
     summary = summarize(results)
     assert 0 <= summary["overall"]["other_key"] <= 1 - summary["overall"]["accuracy"]
     assert summary["overall"]["n"] == 8
