@@ -73,6 +73,22 @@ _CONNECTIVES = (
     "shows",
     "is recorded as",
 )
+# Words between the key and the value, so the value is filed under the key named a clause
+# back, not under the last few bytes before it.
+_ASIDES = (
+    "",
+    "",
+    "",
+    ", as discussed,",
+    ", for the files,",
+    ", to be safe,",
+    " by the way",
+    ", just so you know,",
+    " for this week",
+    ", if anyone asks,",
+    " on our side",
+    ", last time I checked,",
+)
 _HAVE_VERBS = ("has", "uses", "picked", "got", "keeps", "holds", "received", "owns", "set")
 _AS = ("as the", "for the", "as", "for")
 _RECORDS = (
@@ -85,6 +101,7 @@ _RECORDS = (
     "set {key} {attr} {value}",
     "<{key}> {attr}={value}",
 )
+_TAILS = ("", "", "", " now", " since Monday", " at the moment", " for good")
 _INTERJECTIONS = ("", "", "", "", "okay, ", "right, ", "well, ", "by the way, ", "hm, ")
 _NOW = ("now", "from today", "these days", "from here on")
 _CHANGED = ("changed", "updated", "moved", "switched", "reset")
@@ -144,13 +161,17 @@ class Grammar:
 
     def statement(self, rng: random.Random) -> str:
         pick = rng.random()
-        if pick < 0.45:
-            body = f"{rng.choice(_REFS)} {rng.choice(_CONNECTIVES)} {{value}}."
-        elif pick < 0.7:
+        aside = rng.choice(_ASIDES)
+        if pick < 0.4:
+            body = f"{rng.choice(_REFS)}{aside} {rng.choice(_CONNECTIVES)} {{value}}."
+        elif pick < 0.55:
             body = f"{{Key}} {rng.choice(_HAVE_VERBS)} {{value}} {rng.choice(_AS)} {{attr}}."
+        elif pick < 0.75:  # the attribute right before the value, the key a clause back
+            verb = rng.choice(_HAVE_VERBS)
+            body = f"{{Key}}{aside} {verb} the {{attr}} {{value}}{rng.choice(_TAILS)}."
         else:
             body = rng.choice(_RECORDS)
-        return rng.choice(_INTERJECTIONS) + body
+        return rng.choice(_INTERJECTIONS) + body.replace(" :", ":")
 
     def revision(self, rng: random.Random) -> str:
         pick = rng.random()
@@ -161,7 +182,7 @@ class Grammar:
             body = f"{ref} {rng.choice(_CHANGED)} to {{value}}."
         else:
             body = f"{{Key}} {rng.choice(_CHANGED)} the {{attr}}, {now} {{value}}."
-        return rng.choice(_INTERJECTIONS) + body
+        return rng.choice(_INTERJECTIONS) + body.replace(" :", ":")
 
     def question(self, rng: random.Random) -> str:
         frame = rng.choice(_QUESTION_FRAMES)
@@ -175,13 +196,15 @@ class Grammar:
             have=rng.choice(_HAVE_VERBS),
             key="{key}",
         )
-        return rng.choice(_ACKS) + text
+        return rng.choice(_ACKS) + text.replace(" :", ":")
 
     @staticmethod
     def parts() -> tuple[str, ...]:
         """Every word list the grammar draws from (the held-out check reads these)."""
         lists = (
             _REFS,
+            _ASIDES,
+            _TAILS,
             _CONNECTIVES,
             _HAVE_VERBS,
             _AS,
