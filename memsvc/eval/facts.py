@@ -23,7 +23,7 @@ from memsvc.engine import SamplingParams, StreamingEngine
 from memsvc.eval.probe import PIECE_TOKENS
 from memsvc.model import ModelState
 from memsvc.train.facts import FactProbe, FactQuestion, make_fact_probe
-from memsvc.train.phrasing import ValueKind
+from memsvc.train.phrasing import Phrasing, ValueKind
 
 DEPTH_BUCKETS = 5  # depth is reported in fifths of the context
 
@@ -173,8 +173,11 @@ def depth_bucket(depth: float) -> int:
     return min(DEPTH_BUCKETS - 1, int(depth * DEPTH_BUCKETS))
 
 
-def summarize(results: Sequence[FactResult]) -> dict:
-    """Accuracy sliced every way the report needs (each slice: accuracy and count)."""
+def summarize(results: Sequence[FactResult], phrasing: Phrasing | None = None) -> dict:
+    """Accuracy sliced every way the report needs (each slice: accuracy and count); with the
+    `phrasing` the facts were made by, also per statement, question and lead template
+    ("other": composed or wrapped; exact for the held-out phrasing, approximate for the
+    training one, whose templates overlap)."""
 
     def table(key: Callable[[FactResult], object]) -> list[dict]:
         groups: dict[object, list[FactResult]] = defaultdict(list)
@@ -185,7 +188,7 @@ def summarize(results: Sequence[FactResult]) -> dict:
             for k, g in sorted(groups.items(), key=lambda item: str(item[0]))
         ]
 
-    return {
+    slices = {
         "overall": {
             "accuracy": accuracy(results),
             "other_key": other_key_share(results),
@@ -197,6 +200,12 @@ def summarize(results: Sequence[FactResult]) -> dict:
         "by_facts": table(lambda r: r.n_facts),
         "revised": table(lambda r: r.revised),
     }
+    if phrasing is not None:
+        slices["by_statement"] = table(lambda r: phrasing.statement_template(r.stated) or "other")
+        asked = {r.asked: phrasing.question_templates(r.asked) for r in results}
+        slices["by_question"] = table(lambda r: asked[r.asked][0] or "other")
+        slices["by_lead"] = table(lambda r: asked[r.asked][1] or "other")
+    return slices
 
 
 def result_dicts(results: Sequence[FactResult]) -> list[dict]:

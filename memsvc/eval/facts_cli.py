@@ -21,7 +21,7 @@ from rich.table import Table
 
 from memsvc.eval.options import add_model_options, parse_length
 from memsvc.train.haystack import HAYSTACKS
-from memsvc.train.phrasing import VALUE_KINDS
+from memsvc.train.phrasing import PHRASINGS, VALUE_KINDS
 
 if TYPE_CHECKING:
     from memsvc.eval.facts import FactCell, StreamStats
@@ -150,7 +150,7 @@ def run_facts(args: argparse.Namespace) -> int:
         "revised": args.revised,
         "seconds": round(time.perf_counter() - started, 1),
         "cells": cells,
-        "summary": summarize(results),
+        "summary": summarize(results, PHRASINGS[args.vocabulary]),
         "results": result_dicts(results),
     }
     if args.plot:
@@ -168,6 +168,7 @@ def run_facts(args: argparse.Namespace) -> int:
         print(text)
     else:
         Console().print(_table(cells))
+        Console().print(_template_table(report["summary"]))
     return 0
 
 
@@ -190,6 +191,16 @@ def _cell_row(cell: FactCell, results: list, stats: StreamStats) -> dict:
 
 def _share(values: list[bool]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _template_table(summary: dict) -> Table:
+    table = Table(title="per template (statement, question, lead)")
+    for name in ("part", "template", "exact", "questions"):
+        table.add_column(name, justify="left" if name == "template" else "right")
+    for part in ("statement", "question", "lead"):
+        for row in summary[f"by_{part}"]:
+            table.add_row(part, repr(row["key"]), f"{row['accuracy']:.1%}", str(row["n"]))
+    return table
 
 
 def _table(cells: list[dict]) -> Table:

@@ -13,7 +13,9 @@ Everything it can make is disjoint from the held-out generator's words and templ
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import string
 import uuid
 from dataclasses import dataclass, replace
@@ -121,6 +123,22 @@ class Phrasing:
             return str(uuid.UUID(int=rng.getrandbits(128), version=4))
         raise ValueError(f"unknown value kind {kind!r}")
 
+    def statement_template(self, text: str) -> str | None:
+        """The fixed template a statement or revision (as rendered, without its trailing
+        space) was made from; None for a composed or wrapped one."""
+        return _most_specific(self.statements + self.revisions, lambda p: p.fullmatch(text))
+
+    def question_templates(self, text: str) -> tuple[str | None, str | None]:
+        """(question template, lead template) of a question as asked (question, space,
+        lead); None where a part was composed or wrapped."""
+        question = _most_specific(
+            self.questions, lambda p: re.match(p.pattern + " ", text, re.I | re.S)
+        )
+        lead = _most_specific(
+            self.leads, lambda p: re.search(" " + p.pattern + r"\Z", text, re.I | re.S)
+        )
+        return question, lead
+
     def render(self, template: str, key: str, attr: str, value: str = "") -> str:
         keys = f"{key}'" if key.endswith("s") else f"{key}'s"
         text = template.format(
@@ -131,6 +149,22 @@ class Phrasing:
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def _most_specific(templates: tuple[str, ...], matches) -> str | None:
+    """Of the templates whose pattern `matches`, the one with the most literal text (a
+    placeholder matches any text, so "{keys} {attr} is" also matches "the PIN for X is")."""
+    found = [t for t in templates if matches(_pattern(t))]
+    return max(found, key=lambda t: len(re.sub(r"\{\w+\}", "", t)), default=None)
+
+
+@functools.cache
+def _pattern(template: str) -> re.Pattern[str]:
+    """A template as a regular expression: each placeholder any text, the rest literal, case
+    aside (rendering capitalises the first letter)."""
+    parts = re.split(r"(\{\w+\})", template)
+    body = "".join(".+?" if part.startswith("{") else re.escape(part) for part in parts)
+    return re.compile(body, re.I | re.S)
 
 
 TRAIN_PHRASING = Phrasing(

@@ -19,6 +19,7 @@ from memsvc.eval.facts import (
 )
 from memsvc.eval.plot import plot_results
 from memsvc.train.facts import make_fact_probe
+from memsvc.train.phrasing import HELDOUT_PHRASING
 from tests.engine.conftest import tiny_model
 
 
@@ -54,7 +55,10 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
             cell, r.seed, engine.model.config.window
         )
         assert r.asked and r.answer not in r.asked
-    summary = summarize(results)
+    summary = summarize(results, HELDOUT_PHRASING)
+    for part in ("statement", "question", "lead"):  # every held-out fact traced to its template
+        rows = summary[f"by_{part}"]
+        assert sum(row["n"] for row in rows) == 8 and "other" not in [row["key"] for row in rows]
     assert 0 <= summary["overall"]["other_key"] <= 1 - summary["overall"]["accuracy"]
     assert summary["overall"]["n"] == 8
     assert sum(row["n"] for row in summary["by_length_depth"]) == 8

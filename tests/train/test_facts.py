@@ -135,3 +135,18 @@ def test_every_haystack_is_accepted_and_unknown_ones_refused() -> None:
         assert len(sample(TaskSpec("facts", 1024, haystack=haystack), 0).tokens) == 1024
     with pytest.raises(ValueError, match="unknown haystack"):
         TaskSpec("facts", 1024, haystack="real:klingon")
+
+
+def test_each_heldout_sentence_is_traced_to_its_own_template() -> None:
+    # (the training phrasing's templates overlap: "{attr}: " is also "{Keys} {attr}: " with a
+    # one-word key, so its per-template report is approximate; the goals are held-out)
+    phrasing = HELDOUT_PHRASING
+    key, attr, value = "Beatrix", "room code", "48213"
+    for template in phrasing.statements + phrasing.revisions:
+        text = phrasing.render(template, key, attr, value)
+        assert phrasing.statement_template(text) == template
+    for question in phrasing.questions:
+        for lead in phrasing.leads:
+            text = phrasing.render(question, key, attr) + " " + phrasing.render(lead, key, attr)
+            assert phrasing.question_templates(text) == (question, lead)
+    assert phrasing.statement_template("Beatrix's room code: 48213, composed.") is None
