@@ -228,8 +228,8 @@ class FactQuestion:
     kind: ValueKind
     depth: float  # where the fact's latest statement starts, as a share of the context
     revised: bool
-    stated: str = ""  # the fact's latest statement, as streamed
-    asked: str = ""  # the question and its lead, as asked (after QUERY)
+    stated: str  # the fact's latest statement, as streamed
+    asked: str  # the question and its lead, as asked (after QUERY)
 
 
 @dataclass(frozen=True)
