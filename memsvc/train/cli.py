@@ -132,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--phrasing",
-        choices=("train", "grammar"),
+        choices=("train", "grammar", "grammar-value-first"),
         help="how the keyed facts of every stage are phrased: train: the training "
         "generator's fixed templates (default); grammar: half of the sentences composed "
-        "from parts instead (memsvc/train/grammar.py), thousands of templates",
+        "from parts instead (memsvc/train/grammar.py), thousands of templates; "
+        "grammar-value-first: the same with a third of the composed statements giving the "
+        "value before the key",
     )
     parser.add_argument(
         "--advance-at",

@@ -195,19 +195,31 @@ def _links(
 ) -> dict[str, tuple]:
     """Sample.fact_writes / fact_reads: every byte of every fact's latest value is written
     under the query of the position before it, and read before the same byte of its answer
-    (byte j of fact i: write row first[i] + j)."""
+    (byte j of fact i: write row first[i] + j). A fact stated value first has neither: the
+    query before its value cannot know the key (lookahead keys)."""
     writes: list[int] = []
-    first = []
+    first: list[int | None] = []
     for fact, start in zip(facts, at, strict=True):
+        if value_first(fact):  # no write key can carry its key: nothing to align
+            first.append(None)
+            continue
         first.append(len(writes))
         value = _value_start(fact, start)
         writes += [value - 1 + j for j in range(len(fact.answer.encode()))]
     reads = [
-        (a_start - 1 + j, first[i] + j)
+        (a_start - 1 + j, row + j)
         for (_, a_start), i in zip(questions, asked, strict=True)
+        if (row := first[i]) is not None
         for j in range(len(facts[i].answer.encode()))
     ]
     return {"fact_writes": tuple(writes), "fact_reads": tuple(reads)}
+
+
+def value_first(fact: Fact) -> bool:
+    """Whether `fact`'s latest statement gives the value before it names the key."""
+    text = fact.inserts[-1].lower()
+    key_at = text.find(fact.key.lower())
+    return key_at < 0 or text.index(fact.answer.lower()) < key_at
 
 
 def _value_start(fact: Fact, at: int) -> int:

@@ -102,6 +102,21 @@ _RECORDS = (
     "<{key}> {attr}={value}",
 )
 _TAILS = ("", "", "", " now", " since Monday", " at the moment", " for good")
+# Statements that give the value before the key (the held-out phrasing has one): with
+# lookahead keys nothing at the value's bytes can file it under its key, so the model has
+# to carry the value to where the key is named (Grammar.value_first; off by default).
+_VALUE_FIRST = (
+    "{value} is {ref}.",
+    "{value}, that is {ref}.",
+    "{value} was picked as {ref}.",
+    "we keep {value} as {ref}.",
+    "note {value}: it is {ref}.",
+    "{value} will be used as {ref}.",
+    "the value {value} stands for {ref}.",
+    "write down {value} for {ref}.",
+    '{{"{attr}": "{value}", "key": "{key}"}}',
+    "{value} = {key}.{attr}",
+)
 _INTERJECTIONS = ("", "", "", "", "okay, ", "right, ", "well, ", "by the way, ", "hm, ")
 _NOW = ("now", "from today", "these days", "from here on")
 _CHANGED = ("changed", "updated", "moved", "switched", "reset")
@@ -158,8 +173,12 @@ class Grammar:
     from its fixed templates."""
 
     share: float = 0.5
+    value_first: float = 0.0  # the share of composed statements that give the value first
 
     def statement(self, rng: random.Random) -> str:
+        if self.value_first and rng.random() < self.value_first:
+            frame = rng.choice(_VALUE_FIRST)
+            return rng.choice(_INTERJECTIONS) + frame.replace("{ref}", rng.choice(_REFS))
         pick = rng.random()
         aside = rng.choice(_ASIDES)
         if pick < 0.4:
@@ -209,6 +228,7 @@ class Grammar:
             _HAVE_VERBS,
             _AS,
             _RECORDS,
+            _VALUE_FIRST,
             _INTERJECTIONS,
             _NOW,
             _CHANGED,

@@ -383,5 +383,15 @@ HELDOUT_PHRASING = Phrasing(
 # The training phrasing with composed sentences beside its fixed ones (grammar.py): training
 # only (`memsvc train --phrasing grammar`); its words stay disjoint from the held-out ones.
 GRAMMAR_PHRASING = replace(TRAIN_PHRASING, name="grammar", grammar=Grammar())
+# The same with a third of the composed statements giving the value before the key (about
+# one statement in six, as in the held-out phrasing): `--phrasing grammar-value-first`.
+VALUE_FIRST_PHRASING = replace(
+    TRAIN_PHRASING, name="grammar-value-first", grammar=Grammar(value_first=1 / 3)
+)
 
-PHRASINGS = {"train": TRAIN_PHRASING, "heldout": HELDOUT_PHRASING, "grammar": GRAMMAR_PHRASING}
+PHRASINGS = {
+    "train": TRAIN_PHRASING,
+    "heldout": HELDOUT_PHRASING,
+    "grammar": GRAMMAR_PHRASING,
+    "grammar-value-first": VALUE_FIRST_PHRASING,
+}

@@ -4,6 +4,7 @@ softmax, and a trainer with it on steps and changes what it should."""
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from memsvc.model.tokenizer import decode
+from memsvc.train.facts import _links, make_facts, value_first
 from memsvc.train.key_loss import (
     BACKGROUND_WEIGHT,
     key_alignment_loss,
@@ -24,20 +26,45 @@ from memsvc.train.trainer import Trainer
 
 @pytest.mark.parametrize("haystack", ["sentences", "real:code"])
 def test_links_pair_each_answer_byte_with_the_same_byte_of_its_stated_value(haystack: str) -> None:
+    linked = 0
     for seed in range(8):
         spec = TaskSpec("facts", 2048, haystack=haystack, needle="out_of_window", max_facts=6)
         s = sample(spec, seed)
         tokens = s.tokens.tolist()
         context_end = s.questions[0][0]
-        assert len(s.fact_reads) == sum(a1 - a0 for a0, a1 in s.answers)
-        reads = iter(s.fact_reads)
+        reads = dict(s.fact_reads)
+        assert len(reads) == len(s.fact_reads)  # one link per read position
         for (a0, a1), text in zip(s.answers, s.answer_texts, strict=True):
-            links = [next(reads) for _ in range(a0, a1)]
-            assert [read for read, _ in links] == list(range(a0 - 1, a1 - 1))
-            writes = [s.fact_writes[row] for _, row in links]
+            if a0 - 1 not in reads:  # stated value first: none of its bytes is linked
+                assert not any(p in reads for p in range(a0 - 1, a1 - 1))
+                continue
+            linked += 1
+            writes = [s.fact_writes[reads[p]] for p in range(a0 - 1, a1 - 1)]
             assert writes == list(range(writes[0], writes[0] + a1 - a0))  # one run of bytes
             assert decode(tokens[writes[0] + 1 : writes[-1] + 2]) == text
             assert writes[-1] < context_end  # written in the context, before any question
+    assert linked >= 16
+
+
+def test_facts_stated_value_first_have_no_links_and_the_rest_do() -> None:
+    # lookahead keys file a value byte under what came before it: where the statement gives
+    # the value before the key, no write key can carry the key, so the loss leaves it out
+    rng = random.Random(0)
+    facts = make_facts(rng, "grammar-value-first", 600, ("digits", "code"))
+    first = [f for f in facts if value_first(f)]
+    for fact in facts:  # what value_first says, read off the sentence itself
+        text = fact.statement.lower()
+        assert value_first(fact) == (text.index(fact.answer.lower()) < text.index(fact.key.lower()))
+    assert 0.1 < len(first) / len(facts) < 0.3  # about one statement in six
+    mixed = [first[0], next(f for f in facts if not value_first(f)), first[1]]
+    at = (10, 200, 400)
+    questions = [(900 + 40 * i, 930 + 40 * i) for i in range(3)]
+    links = _links(mixed, at, questions, [0, 1, 2])
+    size = len(mixed[1].answer)
+    assert len(links["fact_writes"]) == len(links["fact_reads"]) == size  # fact 1 only
+    assert [r for r, _ in links["fact_reads"]] == list(
+        range(969, 969 + size)
+    )  # its answer starts at 970
 
 
 def test_collate_numbers_write_rows_across_samples() -> None:
