@@ -129,6 +129,8 @@ def _question_tokens(fact: Fact) -> list[int]:
 
 # ---- training samples ------------------------------------------------------------------------
 
+MAX_REDRAWS = 50  # sentence draws for a lone fact before a length counts as too short
+
 
 def fact_sample(
     rng: random.Random,
@@ -151,6 +153,7 @@ def fact_sample(
     keep_clear = window + 1 if out_of_window else 0
     n = rng.randint(1, max_facts)
     squeezed = False  # no revisions: the last resort of a short sample
+    redraws = 0  # then other sentences for the one fact (a composed one can run long)
     while True:  # fewer facts until they and their questions fit in `length`
         revised = 0 if squeezed else sum(rng.random() < revise_share for _ in range(n))
         facts = make_facts(rng, phrasing or vocabulary, n, value_kinds, revised)
@@ -166,6 +169,8 @@ def fact_sample(
             n -= 1
         elif not squeezed:
             squeezed = True
+        elif redraws < MAX_REDRAWS:
+            redraws += 1
         else:
             raise ValueError(f"length {length} is too short for a fact and its question")
     layout = lay_out(rng, facts, hay_bytes, haystack, vocabulary, distractor_rate, keep_clear)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from memsvc.train import facts
 from memsvc.train.facts import fact_sample
 from memsvc.train.grammar import HELDOUT_WORDS, Grammar
 from memsvc.train.phrasing import GRAMMAR_PHRASING, HELDOUT_PHRASING, TRAIN_PHRASING
@@ -104,3 +105,41 @@ def test_a_stage_with_the_grammar_phrases_its_facts_with_it() -> None:
 def test_an_unknown_phrasing_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown phrasing"):
         Stage("s", 1024, "out_of_window", 1, 4, kinds=("facts",), phrasing="nope").specs(128)
+
+
+def test_a_long_composed_statement_is_redrawn_not_an_error_in_a_short_sample() -> None:
+    # seed 7725 draws, at every fact count, sentences too long for 256 tokens (1 draw in
+    # 20,000): a training run at a large batch met it in its first stage and stopped
+    def draw():
+        return fact_sample(
+            random.Random(7725),
+            256,
+            max_facts=2,
+            value_kinds=("digits", "words"),
+            haystack="sentences",
+            vocabulary="train",
+            distractor_rate=0.0,
+            window=128,
+            out_of_window=False,
+            phrasing="grammar",
+        )
+
+    s = draw()
+    assert s.tokens.shape == (256,) and s.answers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(facts, "MAX_REDRAWS", 0)
+        with pytest.raises(ValueError, match="too short"):
+            draw()
+    with pytest.raises(ValueError, match="too short"):  # a length no sentence fits still fails
+        fact_sample(
+            random.Random(0),
+            40,
+            max_facts=1,
+            value_kinds=("digits",),
+            haystack="sentences",
+            vocabulary="train",
+            distractor_rate=0.0,
+            window=128,
+            out_of_window=False,
+            phrasing="grammar",
+        )
