@@ -39,6 +39,8 @@ class FactCell:
     revised: int = 0  # facts per probe restated with a new value (the latest must win)
     distractor_rate: float = 0.2
     vocabulary: str = "heldout"
+    phrasing: str | None = None  # a PHRASINGS name for the statements and questions (None:
+    # the vocabulary's)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def evaluate_cell(
             window=window,
             haystack=cell.haystack,
             vocabulary=cell.vocabulary,
+            phrasing=cell.phrasing,
             distractor_rate=cell.distractor_rate,
             revised=cell.revised,
         )
@@ -177,7 +180,8 @@ def summarize(results: Sequence[FactResult], phrasing: Phrasing | None = None) -
     """Accuracy sliced every way the report needs (each slice: accuracy and count); with the
     `phrasing` the facts were made by, also per statement, question and lead template
     ("other": composed or wrapped; exact for the held-out phrasing, approximate for the
-    training one, whose templates overlap)."""
+    training one, whose templates overlap; none for a phrasing that composes every
+    sentence)."""
 
     def table(key: Callable[[FactResult], object]) -> list[dict]:
         groups: dict[object, list[FactResult]] = defaultdict(list)
@@ -200,7 +204,8 @@ def summarize(results: Sequence[FactResult], phrasing: Phrasing | None = None) -
         "by_facts": table(lambda r: r.n_facts),
         "revised": table(lambda r: r.revised),
     }
-    if phrasing is not None:
+    composed_only = phrasing is not None and phrasing.grammar and phrasing.grammar.share >= 1
+    if phrasing is not None and not composed_only:  # composed sentences have no template
         slices["by_statement"] = table(lambda r: phrasing.statement_template(r.stated) or "other")
         asked = {r.asked: phrasing.question_templates(r.asked) for r in results}
         slices["by_question"] = table(lambda r: asked[r.asked][0] or "other")

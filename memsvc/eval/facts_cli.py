@@ -94,6 +94,14 @@ def add_facts_parser(evals: argparse._SubParsersAction) -> None:
         default="heldout",
         help="phrasing, keys and filler: held out from training (default)",
     )
+    facts.add_argument(
+        "--phrasing",
+        choices=("value-first", "grammar", "grammar-value-first"),
+        help="state and ask the facts with this training phrasing instead of the "
+        "vocabulary's (keys and filler stay the vocabulary's): value-first: every statement "
+        "gives the value before the key, in the training grammar's words (a diagnostic: "
+        "can the model file a value under a key named after it?)",
+    )
     facts.add_argument("--samples", type=int, default=8, help="streams per cell (8)")
     facts.add_argument("--seed", type=int, default=0, help="first probe seed (0)")
     facts.add_argument("--plot", type=Path, help="write accuracy plots to this PNG")
@@ -124,7 +132,7 @@ def run_facts(args: argparse.Namespace) -> int:
             for n in args.facts:
                 for kind in args.values:
                     cell = FactCell(haystack, length, n, (kind,), args.revised, args.distractors,
-                                    args.vocabulary)  # fmt: skip
+                                    args.vocabulary, args.phrasing)  # fmt: skip
                     seeds = range(args.seed, args.seed + args.samples)
                     try:
                         got, stats = evaluate_cell(engine, cell, seeds, model.config.window)
@@ -146,11 +154,12 @@ def run_facts(args: argparse.Namespace) -> int:
         "memory": not args.no_memory,
         "memory_set": dict(args.memory_set),
         "vocabulary": args.vocabulary,
+        "phrasing": args.phrasing or args.vocabulary,
         "distractors": args.distractors,
         "revised": args.revised,
         "seconds": round(time.perf_counter() - started, 1),
         "cells": cells,
-        "summary": summarize(results, PHRASINGS[args.vocabulary]),
+        "summary": summarize(results, PHRASINGS[args.phrasing or args.vocabulary]),
         "results": result_dicts(results),
     }
     if args.plot:

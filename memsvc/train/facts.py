@@ -269,12 +269,14 @@ def make_fact_probe(
     vocabulary: str = "heldout",
     distractor_rate: float = 0.2,
     revised: int = 0,
+    phrasing: str | None = None,
 ) -> FactProbe:
     """A probe whose context (question excluded) is `length` tokens, with `n_facts` facts
     (the first `revised` of them restated later), every statement beyond the window of
-    every question. The same seed gives the same probe on every machine."""
+    every question. The same seed gives the same probe on every machine. `phrasing` (a
+    PHRASINGS name; None: the vocabulary's) states and asks the facts."""
     rng = random.Random(f"facts-{length}-{n_facts}-{','.join(value_kinds)}-{revised}-{seed}")
-    facts = make_facts(rng, vocabulary, n_facts, value_kinds, revised)
+    facts = make_facts(rng, phrasing or vocabulary, n_facts, value_kinds, revised)
     inserted = sum(len(t.encode()) for f in facts for t in f.inserts)
     hay_bytes = length - 1 - inserted
     keep_clear = window + 1  # every statement ends beyond the window of every question

@@ -389,9 +389,16 @@ VALUE_FIRST_PHRASING = replace(
     TRAIN_PHRASING, name="grammar-value-first", grammar=Grammar(value_first=1 / 3)
 )
 
+# Evaluation only (`memsvc eval facts --phrasing value-first`): every sentence composed, every
+# statement value first, in training words: can a model file a value under a later key?
+VALUE_FIRST_ONLY_PHRASING = replace(
+    TRAIN_PHRASING, name="value-first", grammar=Grammar(share=1.0, value_first=1.0)
+)
+
 PHRASINGS = {
     "train": TRAIN_PHRASING,
     "heldout": HELDOUT_PHRASING,
     "grammar": GRAMMAR_PHRASING,
     "grammar-value-first": VALUE_FIRST_PHRASING,
+    "value-first": VALUE_FIRST_ONLY_PHRASING,
 }

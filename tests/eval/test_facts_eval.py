@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from memsvc.engine import StreamingEngine
@@ -19,7 +20,7 @@ from memsvc.eval.facts import (
 )
 from memsvc.eval.plot import plot_results
 from memsvc.train.facts import make_fact_probe
-from memsvc.train.phrasing import HELDOUT_PHRASING
+from memsvc.train.phrasing import HELDOUT_PHRASING, PHRASINGS
 from tests.engine.conftest import tiny_model
 
 
@@ -65,6 +66,20 @@ def test_cells_score_every_fact_and_slices_add_up(tmp_path: Path) -> None:
     assert sum(row["n"] for row in summary["by_kind"]) == 8
     plot_results(results, tmp_path / "facts.png", "test")
     assert (tmp_path / "facts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_cell_can_state_its_facts_value_first_and_then_has_no_template_slices() -> None:
+    engine = StreamingEngine(tiny_model(), max_segment=64)
+    window = engine.model.config.window
+    cell = FactCell("sentences", 900, 3, ("digits",), vocabulary="train", phrasing="value-first")
+    results, _ = evaluate_cell(engine, cell, range(2), window)
+    assert len(results) == 6
+    for r in results:  # stated in the training grammar (value first: tests/train/test_grammar)
+        assert r.answer in r.stated
+    default = evaluate_cell(engine, replace(cell, phrasing=None), range(2), window)[0]
+    assert [r.stated for r in default] != [r.stated for r in results]
+    summary = summarize(results, PHRASINGS["value-first"])
+    assert summary["overall"]["n"] == 6 and "by_statement" not in summary
 
 
 def test_other_key_is_another_facts_value_cut_or_run_on_to_the_answers_length() -> None:

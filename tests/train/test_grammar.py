@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from memsvc.train import facts
-from memsvc.train.facts import fact_sample
+from memsvc.train.facts import fact_sample, make_facts, value_first
 from memsvc.train.grammar import HELDOUT_WORDS, Grammar
 from memsvc.train.phrasing import GRAMMAR_PHRASING, HELDOUT_PHRASING, TRAIN_PHRASING
 from memsvc.train.tasks import Stage
@@ -143,3 +143,10 @@ def test_a_long_composed_statement_is_redrawn_not_an_error_in_a_short_sample() -
             out_of_window=False,
             phrasing="grammar",
         )
+
+
+def test_the_value_first_eval_phrasing_states_every_fact_value_first() -> None:
+    rng = random.Random(6)
+    facts = make_facts(rng, "value-first", 400, ("digits", "code"))
+    assert all(value_first(f) for f in facts)
+    assert len({f.statement.split()[0] for f in facts}) > 10  # composed, not one template
