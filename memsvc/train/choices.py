@@ -11,4 +11,4 @@ from typing import Literal
 MemoryKind = Literal["delta", "mlp", "deep2", "deep4"]
 MEMORY_KINDS: tuple[MemoryKind, ...] = ("delta", "mlp", "deep2", "deep4")
 PRESETS = ("tiny", "reference")
-CURRICULA = ("reference", "long", "recall", "facts", "long-mixed")
+CURRICULA = ("reference", "long", "recall", "facts", "long-mixed", "long-128k")

@@ -27,6 +27,7 @@ from memsvc.train.choices import CURRICULA, MEMORY_KINDS, PRESETS, MemoryKind
 from memsvc.train.tasks import (
     Stage,
     facts_curriculum,
+    long_128k_curriculum,
     long_context_curriculum,
     long_mixed_curriculum,
     recall_curriculum,
@@ -134,6 +135,7 @@ def curriculum(
         "recall": recall_curriculum,
         "facts": facts_curriculum,
         "long-mixed": long_mixed_curriculum,
+        "long-128k": long_128k_curriculum,
     }[name]
     if batch_size is None:
         return build(window) if name.startswith("long") else build(window, TOKENS_PER_STEP)

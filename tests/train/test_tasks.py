@@ -184,3 +184,15 @@ def test_fine_tuning_curricula_build_their_batches(name: str) -> None:
         assert "-" not in texts  # no UUIDs in the short-value stages
     else:
         assert [s.length for s in stages] == [8192, 16384, 32768]
+
+
+def test_the_128k_stage_builds_one_long_sample_per_step_from_real_and_synthetic_text() -> None:
+    from memsvc.train.recipe import curriculum
+
+    stages = curriculum(128, None, "long-128k")
+    assert [(s.length, s.batch_size) for s in stages] == [(32768, 2), (65536, 1), (131072, 1)]
+    assert all(s.needle == "out_of_window" and "real:english" in s.haystacks for s in stages)
+    batch = stages[-1].batch(128, seed=3)
+    assert batch.inputs.shape == (1, 131071)
+    answer_at = batch.answer_mask.nonzero()[:, 1]
+    assert answer_at.min() > 131072 - 256  # asked at the end, the needle far before it
