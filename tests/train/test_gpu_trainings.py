@@ -1,6 +1,7 @@
-"""scripts/gpu-trainings, dry-run on the CPU as a lease would run it on a GPU: the run
-trains, its eval table is written, and what comes back resumes exactly here (a checkpoint
-brought back without its `latest` pointer could not be resumed, found in a real lease)."""
+"""scripts/gpu-trainings, dry-run on the CPU as a lease would run it on a GPU: a chained run
+trains stage after stage, its eval table is written, and what comes back resumes exactly
+here (a checkpoint brought back without its `latest` pointer could not be resumed, found in
+a real lease)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ def test_a_run_comes_back_scored_and_resumable(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     jobs.write_text(
         "# a comment\n"
-        "tiny | --device cpu --threads 1 --max-steps 2 --batch-size 2 --curriculum facts"
-        " --init-from memsvc/assets/reference-model --checkpoint-every 1\n"
+        "tiny | --device cpu --threads 1 --max-steps 1 --batch-size 2 --curriculum facts"
+        " --init-from memsvc/assets/reference-model"
+        " >> --device cpu --threads 1 --max-steps 2 --batch-size 2 --curriculum facts"
+        " --checkpoint-every 1\n"
+        "broken | --device cpu --threads 1 --max-steps 1 --batch-size 2 --curriculum facts"
+        " --init-from memsvc/assets/reference-model >> --curriculum no-such-curriculum\n"
     )
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {
@@ -39,6 +44,14 @@ def test_a_run_comes_back_scored_and_resumable(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "tiny | facts uuid 1 @ 4k |" in done.stdout
+    # the second stage started from the first one's model, the default's copy
+    assert f"--init-from {runs}/tiny.s0/model" in done.stdout
+    first = (runs / "tiny.s0" / "model" / "model.safetensors").read_bytes()
+    assert first != (ROOT / "memsvc/assets/reference-model/model.safetensors").read_bytes()
+    # a stage that fails leaves the job the model of the stage before it, scored as well
+    assert "broken: stage 1 left no model" in done.stdout
+    assert "broken | facts uuid 1 @ 4k |" in done.stdout
+    assert (out / "run-broken.tar.gz").is_file()
     assert (out / "eval.tar.gz").is_file() and (out / "logs.tar.gz").is_file()
 
     back = tmp_path / "back"
