@@ -479,27 +479,35 @@ def facts_curriculum(window: int = 128, tokens_per_step: int = 8192) -> tuple[St
     )  # fmt: skip
 
 
+def _long_stage(
+    name: str, length: int, steps: int, tokens_per_step: int, kinds: tuple[TaskKind, ...]
+) -> Stage:
+    """A stage of the long fine-tunings: needles beyond the window of `length` tokens in
+    real-text and synthetic haystacks, 10% distractors, `tokens_per_step` per step."""
+    return Stage(
+        name,
+        length,
+        "out_of_window",
+        steps,
+        max(1, tokens_per_step // length),
+        distractor_rate=0.1,
+        kinds=kinds,
+        haystacks=REAL_AND_SYNTHETIC,
+        max_facts=8,
+    )
+
+
 def long_mixed_curriculum(window: int = 128, tokens_per_step: int = 32768) -> tuple[Stage, ...]:
     """The long-context fine-tuning (`long_context_curriculum`) in real-text and
     synthetic haystacks, with keyed facts beside the needles: for a model from the
     recall or facts curricula, whose stages stop at 16k and whose passkey fell away
     beyond 64k while a model with this long stage held to 1M."""
-
-    def stage(name: str, length: int, steps: int) -> Stage:
-        batch_size = max(1, tokens_per_step // length)
-        return Stage(
-            name,
-            length,
-            "out_of_window",
-            steps,
-            batch_size,
-            distractor_rate=0.1,
-            kinds=("passkey", "number", "facts"),
-            haystacks=REAL_AND_SYNTHETIC,
-            max_facts=8,
-        )
-
-    return (stage("long-8k", 8192, 40), stage("long-16k", 16384, 60), stage("long-32k", 32768, 80))
+    kinds: tuple[TaskKind, ...] = ("passkey", "number", "facts")
+    return tuple(
+        _long_stage(name, length, steps, tokens_per_step, kinds)
+        for name, length, steps in (("long-8k", 8192, 40), ("long-16k", 16384, 60),
+                                    ("long-32k", 32768, 80))
+    )  # fmt: skip
 
 
 def long_128k_curriculum(window: int = 128, tokens_per_step: int = 65536) -> tuple[Stage, ...]:
@@ -507,22 +515,9 @@ def long_128k_curriculum(window: int = 128, tokens_per_step: int = 65536) -> tup
     at 32k, 64k and 128k in real-text and synthetic haystacks. The shipped default, whose
     stages stop at 32k, holds the pass key to 64k in most real kinds and loses it at 256k
     (docs/TRAINING.md). A 128k sequence is one sample per step."""
-
-    def stage(name: str, length: int, steps: int) -> Stage:
-        batch_size = max(1, tokens_per_step // length)
-        return Stage(
-            name,
-            length,
-            "out_of_window",
-            steps,
-            batch_size,
-            distractor_rate=0.1,
-            kinds=("passkey", "number"),
-            haystacks=REAL_AND_SYNTHETIC,
-        )
-
-    return (
-        stage("long-32k", 32768, 20),
-        stage("long-64k", 65536, 40),
-        stage("long-128k", 131072, 30),
-    )
+    kinds: tuple[TaskKind, ...] = ("passkey", "number")
+    return tuple(
+        _long_stage(name, length, steps, tokens_per_step, kinds)
+        for name, length, steps in (("long-32k", 32768, 20), ("long-64k", 65536, 40),
+                                    ("long-128k", 131072, 30))
+    )  # fmt: skip

@@ -110,39 +110,23 @@ def test_an_unknown_phrasing_is_refused() -> None:
 def test_a_long_composed_statement_is_redrawn_not_an_error_in_a_short_sample() -> None:
     # seed 7725 draws, at every fact count, sentences too long for 256 tokens (1 draw in
     # 20,000): a training run at a large batch met it in its first stage and stopped
-    def draw():
-        return fact_sample(
-            random.Random(7725),
-            256,
-            max_facts=2,
-            value_kinds=("digits", "words"),
-            haystack="sentences",
-            vocabulary="train",
-            distractor_rate=0.0,
-            window=128,
-            out_of_window=False,
-            phrasing="grammar",
-        )
-
-    s = draw()
+    common = dict(
+        value_kinds=("digits", "words"),
+        haystack="sentences",
+        vocabulary="train",
+        distractor_rate=0.0,
+        window=128,
+        out_of_window=False,
+        phrasing="grammar",
+    )
+    s = fact_sample(random.Random(7725), 256, max_facts=2, **common)
     assert s.tokens.shape == (256,) and s.answers
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(facts, "MAX_REDRAWS", 0)
         with pytest.raises(ValueError, match="too short"):
-            draw()
+            fact_sample(random.Random(7725), 256, max_facts=2, **common)
     with pytest.raises(ValueError, match="too short"):  # a length no sentence fits still fails
-        fact_sample(
-            random.Random(0),
-            40,
-            max_facts=1,
-            value_kinds=("digits",),
-            haystack="sentences",
-            vocabulary="train",
-            distractor_rate=0.0,
-            window=128,
-            out_of_window=False,
-            phrasing="grammar",
-        )
+        fact_sample(random.Random(0), 40, max_facts=1, **common)
 
 
 def test_the_value_first_eval_phrasing_states_every_fact_value_first() -> None:
