@@ -39,8 +39,8 @@ class FactCell:
     revised: int = 0  # facts per probe restated with a new value (the latest must win)
     distractor_rate: float = 0.2
     vocabulary: str = "heldout"
-    phrasing: str | None = None  # a PHRASINGS name for the statements and questions (None:
-    # the vocabulary's)
+    phrasing: str | None = None  # a PHRASINGS name for the keys, statements and questions
+    # (None: the vocabulary's); the filler stays the vocabulary's
 
 
 @dataclass(frozen=True)

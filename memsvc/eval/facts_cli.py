@@ -98,7 +98,8 @@ def add_facts_parser(evals: argparse._SubParsersAction) -> None:
         "--phrasing",
         choices=("value-first", "grammar", "grammar-value-first"),
         help="state and ask the facts with this training phrasing instead of the "
-        "vocabulary's (keys and filler stay the vocabulary's): value-first: every statement "
+        "vocabulary's (its keys and attributes too; the filler stays the vocabulary's): "
+        "value-first: every statement "
         "gives the value before the key, in the training grammar's words (a diagnostic: "
         "can the model file a value under a key named after it?)",
     )

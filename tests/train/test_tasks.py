@@ -195,4 +195,4 @@ def test_the_128k_stage_builds_one_long_sample_per_step_from_real_and_synthetic_
     batch = stages[-1].batch(128, seed=3)
     assert batch.inputs.shape == (1, 131071)
     answer_at = batch.answer_mask.nonzero()[:, 1]
-    assert answer_at.min() > 131072 - 256  # asked at the end, the needle far before it
+    assert answer_at.min() > 131072 - 256  # asked at the end of the 128k sample
